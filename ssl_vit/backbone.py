@@ -1,0 +1,179 @@
+"""The shared ViT backbone: a thin wrapper over a timm `VisionTransformer`.
+
+Every objective trains the same backbone. It splits timm's `forward_features` in two so objectives
+can act on patch tokens before the transformer runs:
+
+    tokens = backbone.embed(imgs)                  # (B, N, D) patch embeddings, no position yet
+    tokens = where(mask, mask_token, tokens)       # BERT-style replacement (the objective's job)
+    out = backbone.encode(tokens, keep_idx=idx)    # (B, P + N', D); MAE keeps N' < N tokens
+
+With no mask, `encode(embed(x))` equals timm's `forward_features(x)`. The timm model sits under
+`self.vit`, so `backbone.vit.state_dict()` is a plain timm state dict. This is the only module that
+touches timm internals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import timm
+import torch
+from einops import rearrange
+from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ssl_vit.config import ModelConfig
+from ssl_vit.errors import RecipeError
+
+_EXPLICIT_SIZES = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+def timm_model_args(cfg: ModelConfig) -> dict[str, Any]:
+    """The keyword arguments for `timm.create_model` that this recipe asks for."""
+    args: dict[str, Any] = {
+        "img_size": cfg.img_size,
+        "in_chans": cfg.in_chans,
+        "num_classes": 0,
+        "global_pool": cfg.global_pool,
+        "drop_path_rate": cfg.drop_path_rate,
+        # Any input size works (DINO's local crops); position embeddings are resampled to the grid.
+        "dynamic_img_size": True,
+    }
+    args.update({k: getattr(cfg, k) for k in _EXPLICIT_SIZES if getattr(cfg, k) is not None})
+    return args
+
+
+class Backbone(nn.Module):
+    """A timm ViT plus the split forward that the objectives need.
+
+    Attributes: `embed_dim` (D), `patch_size`, `grid_size` (h, w) at the recipe's image size,
+    `num_prefix_tokens` (P: class and register tokens).
+    """
+
+    def __init__(self, vit: nn.Module, fixed_sincos: bool = False) -> None:
+        super().__init__()
+        if not isinstance(vit, VisionTransformer):
+            raise RecipeError(f"model '{type(vit).__name__}' is not a timm VisionTransformer")
+        self.vit = vit
+        self.embed_dim: int = vit.embed_dim
+        self.num_prefix_tokens: int = vit.num_prefix_tokens
+        self.patch_size: int = vit.patch_embed.patch_size[0]
+        self.grid_size: tuple[int, int] = tuple(vit.patch_embed.grid_size)  # type: ignore[assignment]
+        self.in_chans: int = vit.patch_embed.proj.in_channels
+        if fixed_sincos:
+            self._set_fixed_sincos()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Backbone:
+        """Build by timm name, with the recipe's explicit sizes taking precedence."""
+        if not timm.is_model(cfg.name):
+            close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:3]
+            raise RecipeError(f"model.name '{cfg.name}' is not a timm model (close: {', '.join(close)})")
+        if cfg.pos_embed not in ("learned", "sincos"):
+            raise RecipeError(f"model.pos_embed must be 'learned' or 'sincos', not '{cfg.pos_embed}'")
+        try:
+            vit = timm.create_model(cfg.name, pretrained=False, **timm_model_args(cfg))
+        except (TypeError, AssertionError, ValueError) as err:
+            raise RecipeError(f"model: timm cannot build '{cfg.name}' with {asdict(cfg)}: {err}") from None
+        return cls(vit, fixed_sincos=cfg.pos_embed == "sincos")
+
+    def _set_fixed_sincos(self) -> None:
+        """Fixed 2-D sin-cos position embeddings (MAE); prefix positions are zero."""
+        pos = self.vit.pos_embed
+        assert pos is not None, "sincos needs an absolute position embedding"
+        grid = build_sincos2d_pos_embed(list(self.grid_size), dim=self.embed_dim)  # (h*w, D)
+        with torch.no_grad():
+            pos.zero_()
+            pos[:, pos.shape[1] - grid.shape[0] :] = grid.to(pos.dtype)
+        pos.requires_grad_(False)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def grid_of(self, imgs: Tensor) -> tuple[int, int]:
+        """Patch grid (h, w) of an image batch (B, C, H, W)."""
+        return imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
+
+    def embed(self, imgs: Tensor) -> Tensor:
+        """Patch embeddings without position: (B, C, H, W) -> (B, N, D)."""
+        tokens = self.vit.patch_embed(imgs)  # (B, h, w, D) since dynamic_img_size
+        if tokens.ndim == 4:
+            tokens = rearrange(tokens, "b h w d -> b (h w) d")
+        return tokens
+
+    def patch_pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        """Position embeddings of the patch tokens, resampled to `grid`: (1, h*w, D)."""
+        pos = self.vit.pos_embed
+        assert pos is not None
+        prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
+        if tuple(grid) != self.grid_size:
+            pos = resample_abs_pos_embed(
+                pos, new_size=list(grid), old_size=list(self.grid_size), num_prefix_tokens=prefix
+            )
+        return pos[:, prefix:]
+
+    def _prefix_tokens(self, batch_size: int) -> Tensor:
+        """Class and register tokens with their position embeddings: (B, P, D)."""
+        vit = self.vit
+        parts = []
+        if vit.cls_token is not None:
+            parts.append(vit.cls_token.expand(batch_size, -1, -1))
+        if vit.reg_token is not None:
+            parts.append(vit.reg_token.expand(batch_size, -1, -1))
+        if not parts:
+            return torch.zeros(batch_size, 0, self.embed_dim, device=vit.patch_embed.proj.weight.device)
+        prefix = torch.cat(parts, dim=1)
+        if vit.pos_embed is not None and not vit.no_embed_class:
+            prefix = prefix + vit.pos_embed[:, : self.num_prefix_tokens]
+        return prefix
+
+    def encode(
+        self, tokens: Tensor, keep_idx: Tensor | None = None, grid: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Add positions, prepend prefix tokens, run the blocks and the final norm.
+
+        tokens: (B, N, D) from `embed` (possibly edited), on a grid of N = h*w patches.
+        keep_idx: (B, N') indices of the patches to keep; only those (and their position
+            embeddings) go through the blocks, which is MAE's encoder.
+        grid: (h, w) of `tokens`; inferred as square when omitted.
+        Returns (B, P + N', D).
+        """
+        batch, n, _ = tokens.shape
+        if grid is None:
+            side = math.isqrt(n)
+            grid = (side, side) if side * side == n else self.grid_size
+        if self.vit.pos_embed is not None:
+            tokens = tokens + self.patch_pos_embed(grid)
+        if keep_idx is not None:
+            tokens = torch.gather(
+                tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+            )  # (B, N', D)
+        x = torch.cat([self._prefix_tokens(batch), tokens], dim=1)  # (B, P + N', D)
+        x = self.vit.norm_pre(self.vit.pos_drop(x))
+        x = self.vit.blocks(x)
+        return self.vit.norm(x)
+
+    def forward_features(self, imgs: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, P + N, D), equal to timm's `forward_features`."""
+        return self.encode(self.embed(imgs), grid=self.grid_of(imgs))
+
+    def pool(self, features: Tensor) -> Tensor:
+        """timm's own pooling (CLS token or mean of patches, per `global_pool`): (B, P+N, D) -> (B, D)."""
+        return self.vit.forward_head(features, pre_logits=True)
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        """Pooled features: (B, C, H, W) -> (B, D)."""
+        return self.pool(self.forward_features(imgs))
+
+    def patch_tokens(self, features: Tensor) -> Tensor:
+        """Drop the prefix tokens: (B, P + N, D) -> (B, N, D)."""
+        return features[:, self.num_prefix_tokens :]
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) that should get no weight decay."""
+        return {f"vit.{n}" for n in self.vit.no_weight_decay()}

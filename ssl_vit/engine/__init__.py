@@ -1,0 +1,1 @@
+"""The training engine: the accelerate loop, EMA updates and checkpoints."""

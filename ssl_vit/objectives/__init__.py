@@ -1,0 +1,64 @@
+"""Registry of objectives: `register` a class under a name, `get` it, `build` it from a recipe."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.config import validate_section
+from ssl_vit.errors import RecipeError
+from ssl_vit.objectives.base import Objective
+
+_REGISTRY: dict[str, type[Objective]] = {}
+_BUILTIN = ("supervised",)
+
+ObjectiveT = TypeVar("ObjectiveT", bound=type[Objective])
+
+
+def register(name: str) -> Callable[[ObjectiveT], ObjectiveT]:
+    """Class decorator: make an objective available as `objective.name: <name>`."""
+
+    def wrap(cls: ObjectiveT) -> ObjectiveT:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"objective '{name}' is registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN:
+        importlib.import_module(f"ssl_vit.objectives.{module}")
+
+
+def names() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Objective]:
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise RecipeError(f"objective.name '{name}' is unknown; choose one of {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def build(section: dict[str, Any], backbone: Backbone, **context: Any) -> Objective:
+    """Build from the recipe's `objective` section: `name` plus the objective's own options.
+
+    `context` fills options the recipe may leave unset (e.g. `num_classes` from the data).
+    """
+    options = {k: v for k, v in section.items() if k != "name"}
+    cls = get(str(section["name"]))
+    config_cls = getattr(cls, "Config")  # noqa: B009 - every objective declares one
+    for key, value in context.items():
+        if key in {f for f in config_cls.__dataclass_fields__} and options.get(key) is None:
+            options[key] = value
+    cfg = validate_section(config_cls, options, "objective")
+    return cls(backbone, cfg)  # type: ignore[call-arg]
+
+
+__all__ = ["Objective", "build", "get", "names", "register"]
