@@ -106,6 +106,14 @@ class Backbone(nn.Module):
             tokens = rearrange(tokens, "b h w d -> b (h w) d")
         return tokens
 
+    @staticmethod
+    def replace_tokens(tokens: Tensor, mask: Tensor, replacement: Tensor) -> Tensor:
+        """BERT-style corruption: tokens (B, N, D) where mask (B, N) is True become `replacement`.
+
+        `replacement` is a learned mask token (D,) or per-position embeddings (B, N, D).
+        """
+        return torch.where(mask.unsqueeze(-1), replacement.to(tokens.dtype).expand_as(tokens), tokens)
+
     def patch_pos_embed(self, grid: tuple[int, int]) -> Tensor:
         """Position embeddings of the patch tokens, resampled to `grid`: (1, h*w, D)."""
         pos = self.vit.pos_embed

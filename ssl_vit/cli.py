@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,15 +175,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ssl-vit",
-        description="Pretrain a ViT backbone with a chosen objective, evaluate it, export it to timm.",
-    )
-    parser.add_argument("--version", action="version", version=f"ssl-vit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+# ---------------------------------------------------------------- commands
+# Each command is a parser builder plus a runner; `COMMANDS` lists them in the order of `--help`.
+def _add_pretrain(sub: Any) -> None:
     p = sub.add_parser(
         "pretrain", help="pretrain a backbone from a recipe", description="Pretrain a backbone from a recipe."
     )
@@ -197,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (default runs/<recipe>-<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or chatter")
 
+
+def _run_pretrain(args: argparse.Namespace) -> None:
+    pretrain(args.recipe, args.overrides, args.out, args.quiet)
+
+
+def _add_probe(sub: Any) -> None:
     p = sub.add_parser(
         "probe",
         help="linear-probe a backbone",
@@ -213,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--quiet", action="store_true", help="print only the result")
 
+
+def _run_probe(args: argparse.Namespace) -> None:
+    result = probe(args.path, args.data, args.feature)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"linear probe top-1: {100 * result['top1']:.2f}% (n_train={result['n_train']}, n_test={result['n_test']})"
+        )
+
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser(
         "export",
         help="export a run's backbone as a timm folder",
@@ -221,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="a run directory")
     p.add_argument("--out", type=Path, required=True, help="output folder (config.json + model.safetensors)")
 
+
+def _run_export(args: argparse.Namespace) -> None:
+    print(f"exported -> {export(args.run_dir, args.out)}")
+
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="the end-to-end demo (what `make demo` runs)",
@@ -228,6 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or chatter")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    rows = demo(args.out, args.quiet)
+    print(format_table(rows))
+    print(f"demo finished in {time.perf_counter() - start:.0f}s; results in {args.out}")
+
+
+COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = {
+    "pretrain": (_add_pretrain, _run_pretrain),
+    "probe": (_add_probe, _run_probe),
+    "export": (_add_export, _run_export),
+    "demo": (_add_demo, _run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssl-vit",
+        description="Pretrain a ViT backbone with a chosen objective, evaluate it, export it to timm.",
+    )
+    parser.add_argument("--version", action="version", version=f"ssl-vit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser, _ in COMMANDS.values():
+        add_parser(sub)
     return parser
 
 
@@ -241,24 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ssl_vit.errors import SslVitError
 
     try:
-        if args.command == "pretrain":
-            pretrain(args.recipe, args.overrides, args.out, args.quiet)
-        elif args.command == "probe":
-            result = probe(args.path, args.data, args.feature)
-            print(
-                json.dumps(result)
-                if args.json
-                else f"linear probe top-1: {100 * result['top1']:.2f}% "
-                f"(n_train={result['n_train']}, n_test={result['n_test']}, C={result['C']})"
-            )
-        elif args.command == "export":
-            out = export(args.run_dir, args.out)
-            print(f"exported -> {out}")
-        elif args.command == "demo":
-            start = time.perf_counter()
-            rows = demo(args.out, args.quiet)
-            print(format_table(rows))
-            print(f"demo finished in {time.perf_counter() - start:.0f}s; results in {args.out}")
+        COMMANDS[args.command][1](args)
     except SslVitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -60,6 +60,8 @@ class DataConfig:
     strict: bool = False
     cache_dir: str | None = None
     aug_strength: float = 1.0
+    hflip: bool = True  # off for data where mirroring changes the class (digits)
+    crop_scale: float | None = None  # smallest crop area of global views (None: the objective's own)
     samples_per_epoch: int | None = None
 
 

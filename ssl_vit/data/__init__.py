@@ -66,7 +66,9 @@ def train_loader(
     images, labels = load_images(cfg.train, "train", img_size, in_chans)
     if len(labels) < batch_size:
         raise DataError(f"data.train has {len(labels)} images, fewer than train.batch_size={batch_size}")
-    views = MultiView(spec, img_size, in_chans, cfg.mean, cfg.std, cfg.aug_strength)
+    views = MultiView(
+        spec, img_size, in_chans, cfg.mean, cfg.std, cfg.aug_strength, cfg.hflip, cfg.crop_scale
+    )
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         ViewDataset(images, labels, views),

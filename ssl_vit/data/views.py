@@ -40,17 +40,19 @@ def view_transform(
     std: Sequence[float],
     strength: float = 1.0,
     second_view: bool = False,
+    hflip: bool = True,
 ) -> Transform:
     """One augmentation pipeline: (C, H, W) in [0, 1] -> (C, size, size), normalised."""
     crop = v2.RandomResizedCrop(size, scale=scale, antialias=True)
+    flip: list[Transform] = [v2.RandomHorizontalFlip()] if hflip else []
     steps: list[Transform]
     if kind == "eval":
         steps = [v2.Resize((size, size), antialias=True)]
     elif kind in ("supervised", "masked"):
-        steps = [crop, v2.RandomHorizontalFlip()]
+        steps = [crop, *flip]
     elif kind == "contrastive":
         # BYOL/MoCo v3 asymmetry: the second view gets solarize and less blur.
-        steps = [crop, v2.RandomHorizontalFlip()] + _colour(
+        steps = [crop, *flip] + _colour(
             strength, in_chans, solarize=0.2 if second_view else 0.0, blur=0.1 if second_view else 1.0
         )
     else:
@@ -70,20 +72,23 @@ class MultiView:
         mean: Sequence[float],
         std: Sequence[float],
         strength: float = 1.0,
+        hflip: bool = True,
+        crop_scale: float | None = None,
     ) -> None:
         if len(mean) != in_chans or len(std) != in_chans:
             raise RecipeError(
                 f"data.mean/std need {in_chans} values (model.in_chans), got {len(mean)}/{len(std)}"
             )
+        global_scale = (crop_scale, spec.global_scale[1]) if crop_scale is not None else spec.global_scale
         self.transforms: list[Transform] = [
-            view_transform(
-                spec.kind, img_size, spec.global_scale, in_chans, mean, std, strength, second_view=i == 1
-            )
+            view_transform(spec.kind, img_size, global_scale, in_chans, mean, std, strength, i == 1, hflip)
             for i in range(spec.global_views)
         ]
         local_size = spec.local_size or max(img_size // 2, 1)
         self.transforms += [
-            view_transform(spec.kind, local_size, spec.local_scale, in_chans, mean, std, strength)
+            view_transform(
+                spec.kind, local_size, spec.local_scale, in_chans, mean, std, strength, hflip=hflip
+            )
             for _ in range(spec.local_views)
         ]
 

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.errors import RecipeError
+from tests.conftest import tiny_model_config
+
+
+def test_shapes(tiny_backbone: Backbone) -> None:
+    imgs = torch.randn(3, 1, 16, 16)
+    tokens = tiny_backbone.embed(imgs)
+    assert tokens.shape == (3, 16, 32)
+    out = tiny_backbone.encode(tokens)
+    assert out.shape == (3, 1 + 16, 32)
+    assert tiny_backbone(imgs).shape == (3, 32)
+    assert tiny_backbone.patch_tokens(out).shape == (3, 16, 32)
+
+
+def test_encode_embed_equals_timm_forward_features(tiny_backbone: Backbone) -> None:
+    tiny_backbone.eval()
+    imgs = torch.randn(2, 1, 16, 16)
+    ours = tiny_backbone.encode(tiny_backbone.embed(imgs))
+    assert torch.equal(ours, tiny_backbone.vit.forward_features(imgs))
+
+
+def test_dropping_tokens_equals_running_on_the_kept_subset(tiny_backbone: Backbone) -> None:
+    """keep_idx must select tokens *and* their position embeddings, then run the blocks on them only."""
+    tiny_backbone.eval()
+    imgs = torch.randn(2, 1, 16, 16)
+    tokens = tiny_backbone.embed(imgs)
+    keep_idx = torch.stack([torch.randperm(16)[:4] for _ in range(2)])  # (B, 4)
+    out = tiny_backbone.encode(tokens, keep_idx=keep_idx)
+    assert out.shape == (2, 1 + 4, 32)
+    # Independent path: add positions to the full set, take the subset, run timm's blocks by hand.
+    vit = tiny_backbone.vit
+    with_pos = tokens + vit.pos_embed[:, 1:]
+    subset = torch.stack([with_pos[b, keep_idx[b]] for b in range(2)])
+    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(2, -1, -1)
+    expected = vit.norm(vit.blocks(torch.cat([cls, subset], dim=1)))
+    torch.testing.assert_close(out, expected)
+
+
+def test_mask_token_replacement_changes_only_masked_inputs(tiny_backbone: Backbone) -> None:
+    tokens = tiny_backbone.embed(torch.randn(2, 1, 16, 16))
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, 3] = mask[1, 7] = True
+    mask_token = torch.full((32,), 5.0)
+    replaced = Backbone.replace_tokens(tokens, mask, mask_token)
+    assert torch.equal(replaced[~mask], tokens[~mask])
+    assert torch.equal(replaced[mask], mask_token.expand(2, 32))
+    assert not torch.equal(tiny_backbone.encode(replaced), tiny_backbone.encode(tokens))
+
+
+def test_other_grid_sizes_resample_position_embeddings(tiny_backbone: Backbone) -> None:
+    """DINO's local crops: a smaller image goes through with interpolated position embeddings."""
+    out = tiny_backbone.forward_features(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 1 + 4, 32)
+
+
+def test_fixed_sincos_position_embeddings_are_frozen() -> None:
+    backbone = Backbone.from_config(tiny_model_config(pos_embed="sincos"))
+    pos = backbone.vit.pos_embed
+    assert not pos.requires_grad
+    assert torch.all(pos[:, 0] == 0) and pos[:, 1:].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("vit_tiny_patch16_224", dict(img_size=32, patch_size=16, in_chans=3)),
+        ("vit_small_patch16_224", dict(img_size=32, patch_size=8, in_chans=3)),
+        ("vit_base_patch16_224", dict(img_size=28, patch_size=14, in_chans=4)),
+        ("vit_large_patch16_224", dict(img_size=16, patch_size=4, in_chans=1)),
+    ],
+)
+def test_timm_variants_by_name(name: str, overrides: dict[str, int]) -> None:
+    """Named variants keep their width; depth is cut to 1 only to keep the test cheap."""
+    cfg = tiny_model_config(name=name, embed_dim=None, num_heads=None, depth=1, **overrides)
+    backbone = Backbone.from_config(cfg)
+    grid = overrides["img_size"] // overrides["patch_size"]
+    out = backbone.forward_features(
+        torch.randn(1, overrides["in_chans"], overrides["img_size"], overrides["img_size"])
+    )
+    assert out.shape[1] == 1 + grid * grid
+    assert (
+        out.shape[2]
+        == {"vit_tiny": 192, "vit_small": 384, "vit_base": 768, "vit_large": 1024}[name.rsplit("_", 2)[0]]
+    )
+
+
+def test_unknown_model_name_is_a_recipe_error() -> None:
+    with pytest.raises(RecipeError, match="not a timm model"):
+        Backbone.from_config(tiny_model_config(name="vit_tinyy"))

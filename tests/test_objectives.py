@@ -1,0 +1,79 @@
+"""Tests every registered objective must pass: it learns a fixed batch and trains all it owns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssl_vit import objectives
+from ssl_vit.backbone import Backbone
+from ssl_vit.data import load_images
+from ssl_vit.data.views import MultiView
+from ssl_vit.engine.ema import ema_update
+from ssl_vit.objectives.base import Objective
+from ssl_vit.types import Batch
+from tests.conftest import tiny_model_config
+
+
+def make(name: str, in_chans: int = 1) -> Objective:
+    backbone = Backbone.from_config(tiny_model_config(in_chans=in_chans))
+    return objectives.build({"name": name}, backbone, num_classes=10)
+
+
+def fixed_batch(objective: Objective, n: int = 32) -> Batch:
+    images, labels = load_images("digits", "train", 16, 1)
+    views = MultiView(objective.views(), 16, 1, [0.5], [0.5])
+    torch.manual_seed(0)
+    per_sample = [views(img) for img in images[:n]]
+    return Batch(
+        views=[torch.stack([s[i] for s in per_sample]) for i in range(len(per_sample[0]))], labels=labels[:n]
+    )
+
+
+def train_steps(objective: Objective, batch: Batch, steps: int, lr: float = 3e-3) -> list[float]:
+    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        objective.set_progress(step, steps, steps)
+        loss, _ = objective(batch)
+        opt.zero_grad()
+        loss.backward()
+        objective.after_backward()
+        opt.step()
+        if objective.ema_pairs():
+            ema_update(objective.ema_pairs(), objective.ema_momentum(step, steps))
+        objective.after_optimizer_step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("name", objectives.names())
+def test_overfits_a_fixed_batch(name: str) -> None:
+    torch.manual_seed(0)
+    objective = make(name)
+    losses = train_steps(objective, fixed_batch(objective), steps=50)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert min(losses[-5:]) < 0.7 * losses[0], f"{name}: {losses[0]:.3f} -> {losses[-5:]}"
+
+
+@pytest.mark.parametrize("name", objectives.names())
+def test_every_trainable_parameter_gets_a_gradient(name: str) -> None:
+    torch.manual_seed(0)
+    objective = make(name)
+    objective.set_progress(10**6, 10**7, 10)  # past any warm-up freeze
+    loss, logs = objective(fixed_batch(objective, 8))
+    loss.backward()
+    teachers = {id(p) for _, t in objective.ema_pairs() for p in t.parameters()}
+    for pname, param in objective.named_parameters():
+        if id(param) in teachers:
+            assert param.grad is None, f"{name}: teacher parameter {pname} has a gradient"
+        elif param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"{name}: {pname} gets no gradient"
+    assert all(not v.requires_grad for v in logs.values())
+
+
+def test_unknown_objective_lists_the_known_ones() -> None:
+    from ssl_vit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="supervised"):
+        objectives.get("simclrr")
