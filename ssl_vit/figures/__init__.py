@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from ssl_vit.data import class_names
+import numpy as np
+import torch
+
+from ssl_vit.data import class_names, load_images
 from ssl_vit.errors import DataError, RecipeError, SslVitError
-from ssl_vit.eval.features import split_features
+from ssl_vit.eval.features import EvalModel, extract, normalise
 from ssl_vit.figures import attention, curves, embedding, reconstruction
 from ssl_vit.figures._mpl import to_display
 from ssl_vit.figures.source import Source, open_source, pick_images
@@ -118,18 +121,30 @@ def _embedding(sources: Sequence[Source], report: FigureReport, method: str, see
             report.skip(f"embedding ({s.name})", s.missing["model"])
             continue
         try:
-            feats, labels = split_features(s.model, "test")
+            feats, labels = _test_features(s.model, seed)
             names = names or class_names(s.model.data)
         except DataError as err:
             report.skip(f"embedding ({s.name})", str(err))
             continue
-        idx = embedding.subset(len(labels), seed)
-        points = embedding.project_2d(feats[idx], method, seed)
-        panels.append(embedding.EmbeddingPanel(f"{s.name} ({s.model.data} test)", points, labels[idx]))
+        points = embedding.project_2d(feats, method, seed)
+        panels.append(embedding.EmbeddingPanel(f"{s.name} ({s.model.data} test)", points, labels))
     if panels:
         report.written.append(
             embedding.draw_embedding(panels, names, method, report.out_dir / "embedding.png")
         )
+
+
+def _test_features(model: EvalModel, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features of a seeded subset of the test split, on the GPU when there is one, then back."""
+    images, labels = load_images(model.data, "test", model.img_size, model.in_chans)
+    idx = torch.from_numpy(embedding.subset(len(labels), seed))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = model.backbone.to(device)
+    try:
+        feats = extract(backbone, normalise(images[idx], model.mean, model.std))
+    finally:
+        backbone.cpu()
+    return feats, labels[idx].numpy()
 
 
 def _attention(source: Source, report: FigureReport, suffix: str, n_images: int) -> None:
