@@ -282,7 +282,7 @@ def _run_show(args: argparse.Namespace) -> None:
     for figure, why in report.skipped:
         print(f"skipped {figure}: {why}")
     print(
-        f"{len(report.written)} figures in {time.perf_counter() - start:.1f}s; index: {report.out_dir / 'index.md'}"
+        f"{len(report.written)} figure(s) in {time.perf_counter() - start:.1f}s; index: {report.out_dir / 'index.md'}"
     )
 
 

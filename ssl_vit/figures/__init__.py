@@ -37,7 +37,7 @@ class FigureReport:
 
     def skip(self, figure: str, why: str) -> None:
         self.skipped.append((figure, why))
-        log.info("skipped %s: %s", figure, why)
+        log.debug("skipped %s: %s", figure, why)  # the caller reports skips (show prints them)
 
 
 def run_names(paths: Sequence[Path]) -> list[str]:
@@ -94,7 +94,10 @@ def write_compare_figures(run_dirs: Sequence[Path], out_dir: Path, method: str =
     Inputs without metrics (export folders) or without a loadable backbone are left out, with a log
     line saying why; the paths of the figures written come back.
     """
-    return show(run_dirs, out_dir, kinds=("curves", "embedding"), method=method, index=False).written
+    report = show(run_dirs, out_dir, kinds=("curves", "embedding"), method=method, index=False)
+    for figure, why in report.skipped:
+        log.info("figures: skipped %s: %s", figure, why)
+    return report.written
 
 
 def _guard(report: FigureReport, figure: str, draw: Callable[[], None]) -> None:
