@@ -255,11 +255,43 @@ def _run_demo(args: argparse.Namespace) -> None:
     print(f"demo finished in {time.perf_counter() - start:.0f}s; results in {args.out}")
 
 
+def _add_show(sub: Any) -> None:
+    p = sub.add_parser(
+        "show",
+        help="draw figures of runs (curves, attention, embedding, reconstructions)",
+        description="Write PNG figures of one or more runs or export folders, listed in DIR/index.md.",
+    )
+    p.add_argument("paths", type=Path, nargs="+", metavar="RUN_DIR", help="run directories or export folders")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/figures; required for several)")
+    p.add_argument("--curves", action="store_true", help="only the training curves, several runs overlaid")
+    p.add_argument(
+        "--embedding", default="tsne", choices=["tsne", "pca"], help="2-D map method (default tsne)"
+    )
+    p.add_argument("--images", type=int, default=4, help="images in attention and reconstruction figures")
+    p.add_argument("--seed", type=int, default=0, help="seed of masks and maps (same seed, same pictures)")
+
+
+def _run_show(args: argparse.Namespace) -> None:
+    from ssl_vit.figures import KINDS, show
+
+    start = time.perf_counter()
+    kinds = ("curves",) if args.curves else KINDS
+    report = show(args.paths, args.out, kinds, args.embedding, args.seed, args.images)
+    for path in report.written:
+        print(f"wrote {path}")
+    for figure, why in report.skipped:
+        print(f"skipped {figure}: {why}")
+    print(
+        f"{len(report.written)} figure(s) in {time.perf_counter() - start:.1f}s; index: {report.out_dir / 'index.md'}"
+    )
+
+
 COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = {
     "pretrain": (_add_pretrain, _run_pretrain),
     "probe": (_add_probe, _run_probe),
     "export": (_add_export, _run_export),
     "demo": (_add_demo, _run_demo),
+    "show": (_add_show, _run_show),
 }
 
 

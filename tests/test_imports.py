@@ -22,6 +22,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "objectives": {"data", "engine", "eval", "cli", "export"},
     "engine": {"backbone", "data", "eval", "cli", "export", "objectives"},
     "eval": {"engine", "objectives", "cli"},
+    "figures": {"engine", "cli"},  # objectives: only to rebuild a run's objective for reconstructions
 }
 
 
