@@ -90,7 +90,7 @@ def _export_from_objective(
     from ssl_vit.export import export_backbone
 
     weights = default_weights(recipe.objective["name"])
-    backbone = objective.teacher_backbone if weights == "teacher" else objective.backbone
+    backbone = _teacher_backbone(objective) if weights == "teacher" else objective.backbone
     extra = {
         "objective": recipe.objective["name"],
         "weights": weights,
@@ -100,6 +100,19 @@ def _export_from_objective(
     if seconds is not None:
         extra.update(pretrain_seconds=seconds, images_seen=images)
     return export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
+
+
+def _teacher_backbone(objective: Any) -> Any:
+    """`objective.teacher_backbone`, else the EMA partner of `objective.backbone` in `ema_pairs()`."""
+    from ssl_vit.errors import CheckpointError
+
+    teacher = getattr(objective, "teacher_backbone", None)
+    for online, partner in objective.ema_pairs():
+        if teacher is None and online is objective.backbone:
+            teacher = partner
+    if teacher is None:
+        raise CheckpointError("the objective asks for its teacher to be exported but has no teacher backbone")
+    return teacher
 
 
 # ---------------------------------------------------------------- export

@@ -66,13 +66,7 @@ PREFIXES = (
     "module.encoder.",
 )
 # Top-level keys that hold the weights, in the order tried: DINO's teacher first (what DINO evaluates).
-WRAPPERS = {
-    "teacher": "DINO",
-    "student": "DINO",
-    "model": "MAE",
-    "state_dict": "MoCo v3",
-    "module": "wrapped",
-}
+WRAPPERS = {"teacher": "DINO", "student": "DINO", "model": "MAE", "state_dict": "", "module": ""}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
@@ -108,7 +102,8 @@ def _summarise(keys: list[str], limit: int = 8) -> str:
     groups: dict[str, list[str]] = {}
     for key in keys:
         parts = key.split(".")
-        group = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]  # blocks.3
+        depth = 2 if len(parts) > 2 and (parts[0] == "module" or parts[1].isdigit()) else 1  # blocks.3
+        group = ".".join(parts[:depth])
         groups.setdefault(group, []).append(key)
     parts = [f"{name}.* ({len(ks)})" if len(ks) > 1 else ks[0] for name, ks in groups.items()]
     more = f", ... {len(parts) - limit} more groups" if len(parts) > limit else ""
@@ -159,7 +154,7 @@ def unwrap(obj: Any, checkpoint_key: str | None = None) -> tuple[dict[str, Tenso
         top = ", ".join(sorted(str(k) for k in obj)[:8])
         raise CheckpointError(f"checkpoint has no '{checkpoint_key}' entry (top-level keys: {top})")
     if keys:
-        inner, layout = obj[keys[0]], f"{WRAPPERS.get(keys[0], 'custom')} ('{keys[0]}')"
+        inner, layout = obj[keys[0]], f"{WRAPPERS.get(keys[0], '')} ['{keys[0]}']".lstrip()
     else:
         inner, layout = obj, "state dict"
     tensors = {k: v for k, v in inner.items() if isinstance(v, Tensor)}
@@ -237,6 +232,8 @@ def load_into_backbone(backbone: Backbone, path: Path, checkpoint_key: str | Non
     own = backbone.vit.state_dict()
     prefix = find_prefix(raw, set(own))
     state = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix) and k[len(prefix) :] in own}
+    if "base_encoder." in prefix:
+        layout = f"MoCo v3 {layout}"
     report = LoadReport(str(path), layout, prefix, ignored=sorted(set(raw) - {prefix + k for k in state}))
     if not state:
         raise CheckpointError(
