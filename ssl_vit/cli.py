@@ -22,17 +22,18 @@ def pretrain(recipe_name: str, overrides: Sequence[str], out: Path | None, quiet
     import torch
 
     from ssl_vit import objectives
-    from ssl_vit.backbone import Backbone
     from ssl_vit.config import load_recipe, resolve_recipe_path, save_recipe
     from ssl_vit.data import class_names, train_loader
     from ssl_vit.engine.loop import fit
+    from ssl_vit.model_card import write_model_card
+    from ssl_vit.pretrained import backbone_from_config
 
     recipe = load_recipe(recipe_name, list(overrides))
     name = resolve_recipe_path(recipe_name).stem
     objectives.get(recipe.objective["name"])  # unknown objective: fail before any work
     run_dir = out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     torch.manual_seed(recipe.seed)
-    backbone = Backbone.from_config(recipe.model)
+    backbone = backbone_from_config(recipe.model)  # applies model.init_from
     objective = objectives.build(recipe.objective, backbone, num_classes=len(class_names(recipe.data.train)))
     spec = objective.views()
     loader = train_loader(
@@ -70,6 +71,7 @@ def pretrain(recipe_name: str, overrides: Sequence[str], out: Path | None, quiet
             indent=2,
         )
     )
+    write_model_card(run_dir / "backbone", run_dir)
     if not quiet:
         print(
             f"done: {result.steps} steps, {result.images_seen} images, {result.seconds:.1f}s, final loss {result.final_loss:.4f}"
@@ -87,20 +89,57 @@ def _export_from_objective(
 ) -> Path:
     from ssl_vit.export import export_backbone
 
-    extra = {"objective": recipe.objective["name"], "run_dir": str(run_dir), "data": recipe.data.train}
+    weights = default_weights(recipe.objective["name"])
+    backbone = _teacher_backbone(objective) if weights == "teacher" else objective.backbone
+    extra = {
+        "objective": recipe.objective["name"],
+        "weights": weights,
+        "run_dir": str(run_dir),
+        "data": recipe.data.train,
+    }
     if seconds is not None:
         extra.update(pretrain_seconds=seconds, images_seen=images)
-    return export_backbone(objective.backbone, out, recipe.data.mean, recipe.data.std, extra)
+    return export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
+
+
+def _teacher_backbone(objective: Any) -> Any:
+    """`objective.teacher_backbone`, else the EMA partner of `objective.backbone` in `ema_pairs()`."""
+    from ssl_vit.errors import CheckpointError
+
+    teacher = getattr(objective, "teacher_backbone", None)
+    for online, partner in objective.ema_pairs():
+        if teacher is None and online is objective.backbone:
+            teacher = partner
+    if teacher is None:
+        raise CheckpointError("the objective asks for its teacher to be exported but has no teacher backbone")
+    return teacher
 
 
 # ---------------------------------------------------------------- export
-def export(run_dir: Path, out: Path) -> Path:
-    """Rebuild the run's backbone from its recipe and latest checkpoint, and export it."""
+def default_weights(objective_name: str) -> str:
+    """The objective's `export_weights` ("teacher" where its paper evaluates the EMA teacher)."""
+    from ssl_vit import objectives
+    from ssl_vit.errors import RecipeError
+
+    try:
+        return str(getattr(objectives.get(objective_name), "export_weights", "student"))
+    except RecipeError:  # a run made by an objective this install does not have
+        return "student"
+
+
+def export(
+    run_dir: Path, out: Path, weights: str | None = None, fmt: str = "timm", license_id: str = "apache-2.0"
+) -> Path:
+    """Rebuild the run's student or teacher backbone from its latest checkpoint and export it.
+
+    fmt "timm": a folder timm loads, with a model card (`README.md`); fmt "onnx": one .onnx file.
+    """
     from ssl_vit.backbone import Backbone
     from ssl_vit.config import load_recipe
     from ssl_vit.engine.checkpoint import list_checkpoints, load_model_weights
     from ssl_vit.errors import CheckpointError
-    from ssl_vit.export import export_backbone
+    from ssl_vit.export import backbone_state, export_backbone
+    from ssl_vit.model_card import write_model_card
 
     if not (run_dir / "recipe.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no recipe.yaml)")
@@ -108,12 +147,30 @@ def export(run_dir: Path, out: Path) -> Path:
     ckpts = list_checkpoints(run_dir / "checkpoints")
     if not ckpts:
         raise CheckpointError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    weights = weights or default_weights(recipe.objective["name"])
     backbone = Backbone.from_config(recipe.model)
-    prefix = "backbone.vit."
-    state = {k[len(prefix) :]: v for k, v in load_model_weights(ckpts[-1]).items() if k.startswith(prefix)}
-    backbone.vit.load_state_dict(state)
-    extra = {"objective": recipe.objective["name"], "run_dir": str(run_dir), "checkpoint": ckpts[-1].name}
-    return export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
+    backbone.vit.load_state_dict(backbone_state(load_model_weights(ckpts[-1]), weights))
+    if fmt == "onnx":
+        from ssl_vit.onnx_export import TOLERANCE, export_onnx
+
+        result = export_onnx(backbone, out, recipe.data.mean, recipe.data.std)
+        level = logging.WARNING if result.max_abs_diff > TOLERANCE else logging.INFO
+        log.log(
+            level,
+            "onnxruntime vs PyTorch, batch of %d: max abs diff %.1e",
+            result.check_batch,
+            result.max_abs_diff,
+        )
+        return result.path
+    extra = {
+        "objective": recipe.objective["name"],
+        "weights": weights,
+        "run_dir": str(run_dir),
+        "checkpoint": ckpts[-1].name,
+    }
+    folder = export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
+    write_model_card(folder, run_dir, weights, license_id)
+    return folder
 
 
 # ---------------------------------------------------------------- probe
@@ -227,15 +284,29 @@ def _run_probe(args: argparse.Namespace) -> None:
 def _add_export(sub: Any) -> None:
     p = sub.add_parser(
         "export",
-        help="export a run's backbone as a timm folder",
-        description="Export a backbone that plain timm loads.",
+        help="export a run's backbone: a timm folder with a model card, or ONNX",
+        description="Export a backbone that plain timm loads (a folder with a README.md model card), or ONNX.",
     )
     p.add_argument("run_dir", type=Path, help="a run directory")
-    p.add_argument("--out", type=Path, required=True, help="output folder (config.json + model.safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (timm) or file (onnx: model.onnx)")
+    p.add_argument(
+        "--format",
+        default="timm",
+        choices=["timm", "onnx"],
+        help="timm: config.json + model.safetensors + README.md; onnx: pooled features, dynamic batch",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["student", "teacher"],
+        help="online or EMA-teacher backbone (default: the one the objective's paper evaluates)",
+    )
+    p.add_argument(
+        "--license", default="apache-2.0", help="license id in the model card (default apache-2.0)"
+    )
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    print(f"exported -> {export(args.run_dir, args.out)}")
+    print(f"exported -> {export(args.run_dir, args.out, args.weights, args.format, args.license)}")
 
 
 def _add_demo(sub: Any) -> None:
@@ -312,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s"
     )
-    for noisy in ("accelerate", "timm", "torch"):
+    for noisy in ("accelerate", "timm", "torch", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ssl_vit.errors import SslVitError
 
