@@ -49,6 +49,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_then_resume_gives_the_uninterrupted_weights(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -178,7 +179,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_then_resume_finishes(
 
 def test_accumulating_two_batches_of_8_gives_the_gradients_of_one_batch_of_16(tmp_path: Path) -> None:
     from ssl_vit.backbone import Backbone
-    from ssl_vit.engine.loop import _accelerator
+    from ssl_vit.engine.setup import make_accelerator
     from ssl_vit.engine.step import forward_backward
     from ssl_vit.objectives import build
     from tests.conftest import tiny_model_config
@@ -188,7 +189,7 @@ def test_accumulating_two_batches_of_8_gives_the_gradients_of_one_batch_of_16(tm
 
     def gradients(accum: int) -> dict[str, torch.Tensor]:
         optim = OptimConfig(accum_steps=accum)
-        accelerator = _accelerator(TrainConfig(cpu=True), optim, LogConfig(), tmp_path, 0)
+        accelerator = make_accelerator(TrainConfig(cpu=True), optim, LogConfig(), tmp_path, 0)
         model = accelerator.prepare(copy.deepcopy(objective))
         size = 16 // accum
         for i in range(accum):
@@ -329,6 +330,7 @@ def test_stream_skips_an_iterable_by_reading_it_without_moving_the_rng() -> None
     assert next(stream).labels.tolist() == [20]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_under_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -367,3 +369,17 @@ def test_unwritable_run_dir_and_missing_tensorboard_are_one_line_errors(
         args = [*TINY, "log.tensorboard=true", "train.max_steps=1"]
         assert main(["pretrain", "digits/supervised", *args, "--out", str(tmp_path / "tb"), "--quiet"]) == 2
         assert "pip install tensorboard" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_on_cuda_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["digits/supervised", *TINY, "train.mixed_precision=bf16", "ckpt.every_steps=2"]
+    assert main(["pretrain", *args, "train.max_steps=2", "--out", str(out), "--quiet"]) == 0
+    assert main(["pretrain", "--resume", str(out), "train.max_steps=4", "--quiet"]) == 0
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["device"].startswith("cuda") and state["mixed_precision"] == "bf16"
+    got = records(out)
+    assert [r["step"] for r in got] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in got)
+    assert got[-1]["peak_mem_mb"] > 0

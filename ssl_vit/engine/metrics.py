@@ -6,6 +6,7 @@ Only the main process writes or draws; the other processes hold disabled instanc
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -13,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from ssl_vit.engine.state import TrainState
+from ssl_vit.engine.step import StepResult
 from ssl_vit.errors import CheckpointError
 
 
@@ -75,3 +79,38 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:  # type: igno
         dynamic_ncols=True,
         unit="step",
     )
+
+
+def metrics_record(
+    accelerator: Accelerator,
+    result: StepResult,
+    state: TrainState,
+    schedules: tuple[float, float, float],
+    images_per_sec: float,
+) -> dict[str, Any]:
+    """One metrics record; loss and logs are averaged over processes (every process calls this).
+
+    `schedules` is (lr, weight decay, EMA momentum or NaN without a teacher).
+    """
+    lr, wd, momentum = schedules
+    names = sorted(result.logs)
+    values = torch.stack([result.loss.float(), *(result.logs[k].float() for k in names)])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    loss, *logs = values.tolist()
+    record: dict[str, Any] = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": loss,
+        "lr": lr,
+        "weight_decay": wd,
+        "grad_norm": result.grad_norm,
+        "images_per_sec": images_per_sec,
+        "images_seen": state.images_seen,
+        "skipped_steps": state.skipped_steps,
+        "peak_mem_mb": peak_memory_mb(accelerator.device),
+    }
+    if not math.isnan(momentum):
+        record["ema_momentum"] = momentum
+    record.update(dict(zip(names, logs, strict=True)))
+    return record

@@ -14,6 +14,7 @@ that will never come.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import asdict, dataclass, fields
@@ -165,3 +166,12 @@ def load_training_state(
 def _raw(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimiser under accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)  # type: ignore[no-any-return]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a module's state dict, to check that processes hold the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
