@@ -49,8 +49,8 @@ def _check_resumable(saved: Any, given: Any, run_dir: Path) -> None:
 
 def _resolve_run(
     recipe_name: str | None, overrides: Sequence[str], out: Path | None, resume: str | None
-) -> tuple[Any, Path, Path | None, str]:
-    """(recipe, run dir, checkpoint to resume from or None, run name) for `pretrain`.
+) -> tuple[Any, Path, Path | None]:
+    """(recipe, run dir, checkpoint to resume from or None) for `pretrain`.
 
     `--resume auto` continues the latest valid checkpoint of `--out` or starts fresh there;
     `--resume RUN_DIR` does the same in RUN_DIR, with its saved recipe unless RECIPE is given.
@@ -72,10 +72,9 @@ def _resolve_run(
     has_saved = saved_path is not None and saved_path.is_file()
     if recipe_name is None and not (resume is not None and has_saved):
         raise RecipeError("pretrain needs a RECIPE (or --resume RUN_DIR to continue a run)")
-    source = recipe_name if recipe_name is not None else str(saved_path)
-    recipe = load_recipe(source, list(overrides))
-    name = resolve_recipe_path(source).stem if recipe_name is not None else run_dir.name  # type: ignore[union-attr]
+    recipe = load_recipe(recipe_name if recipe_name is not None else str(saved_path), list(overrides))
     if run_dir is None:
+        name = resolve_recipe_path(str(recipe_name)).stem
         run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     from ssl_vit.engine.checkpoint import latest_checkpoint
 
@@ -87,7 +86,7 @@ def _resolve_run(
         )
     if resume is not None and ckpt is not None and has_saved:
         _check_resumable(load_recipe(str(saved_path)), recipe, run_dir)
-    return recipe, run_dir, ckpt if resume is not None else None, name
+    return recipe, run_dir, ckpt if resume is not None else None
 
 
 def _fresh_run_dir(run_dir: Path) -> None:
@@ -111,7 +110,7 @@ def pretrain(
     resume: str | None = None,
 ) -> Path:
     """Load the recipe, train (or resume), export the backbone; returns the run directory."""
-    recipe, run_dir, ckpt, _ = _resolve_run(recipe_name, overrides, out, resume)  # fail fast, before torch
+    recipe, run_dir, ckpt = _resolve_run(recipe_name, overrides, out, resume)  # fail fast, before torch
 
     import torch
     from accelerate.utils import broadcast_object_list
@@ -137,6 +136,7 @@ def pretrain(
         ensure_writable(run_dir)
         if ckpt is None:
             _fresh_run_dir(run_dir)
+        (run_dir / "summary.json").unlink(missing_ok=True)  # written again when this (re)start ends
         save_recipe(recipe, run_dir / "recipe.yaml")
     world.wait_for_everyone()
     if main and not quiet:
