@@ -17,21 +17,115 @@ log = logging.getLogger("ssl_vit")
 
 
 # ---------------------------------------------------------------- pretrain
-def pretrain(recipe_name: str, overrides: Sequence[str], out: Path | None, quiet: bool) -> Path:
-    """Load the recipe, train, export the backbone; returns the run directory."""
-    import torch
+RUN_LENGTH_KEYS = ("train.epochs", "train.max_steps")  # the only keys a resume may change
 
-    from ssl_vit import objectives
-    from ssl_vit.config import load_recipe, resolve_recipe_path, save_recipe
+
+def _flat(recipe: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    def walk(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            out: dict[str, Any] = {}
+            for key, value in node.items():
+                out.update(walk(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: node}
+
+    return walk(OmegaConf.to_container(OmegaConf.structured(recipe)), "")
+
+
+def _check_resumable(saved: Any, given: Any, run_dir: Path) -> None:
+    """A resume may change the run length only; anything else would not continue the same run."""
+    old, new = _flat(saved), _flat(given)
+    for key in sorted(set(old) | set(new)):
+        if key not in RUN_LENGTH_KEYS and old.get(key) != new.get(key):
+            from ssl_vit.errors import RecipeError
+
+            raise RecipeError(
+                f"--resume: {key} is {old.get(key)!r} in {run_dir / 'recipe.yaml'} but {new.get(key)!r} "
+                f"here; only {' and '.join(RUN_LENGTH_KEYS)} may change when resuming"
+            )
+
+
+def _resolve_run(
+    recipe_name: str | None, overrides: Sequence[str], out: Path | None, resume: str | None
+) -> tuple[Any, Path, Path | None]:
+    """(recipe, run dir, checkpoint to resume from or None) for `pretrain`.
+
+    `--resume auto` continues the latest valid checkpoint of `--out` or starts fresh there;
+    `--resume RUN_DIR` does the same in RUN_DIR, with its saved recipe unless RECIPE is given.
+    """
+    from ssl_vit.config import load_recipe, resolve_recipe_path
+    from ssl_vit.errors import CheckpointError, RecipeError
+
+    if resume is None or resume == "auto":
+        if resume == "auto" and out is None:
+            raise RecipeError("--resume auto needs --out RUN_DIR (the run to continue)")
+        run_dir = out
+    else:
+        run_dir = Path(resume)
+        if out is not None and out.resolve() != run_dir.resolve():
+            raise RecipeError(f"--resume {run_dir} continues in {run_dir}; drop --out {out}")
+        if not (run_dir / "recipe.yaml").is_file():
+            raise CheckpointError(f"{run_dir} is not a run directory (no recipe.yaml)")
+    saved_path = run_dir / "recipe.yaml" if run_dir is not None else None
+    has_saved = saved_path is not None and saved_path.is_file()
+    if recipe_name is None and not (resume is not None and has_saved):
+        raise RecipeError("pretrain needs a RECIPE (or --resume RUN_DIR to continue a run)")
+    recipe = load_recipe(recipe_name if recipe_name is not None else str(saved_path), list(overrides))
+    if run_dir is None:
+        name = resolve_recipe_path(str(recipe_name)).stem
+        run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from ssl_vit.engine.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if resume is None and ckpt is not None and not (run_dir / "summary.json").is_file():
+        raise CheckpointError(
+            f"{run_dir} holds an unfinished run ({ckpt.name}); continue it with --resume auto "
+            "or choose another --out"
+        )
+    if resume is not None and ckpt is not None and has_saved:
+        _check_resumable(load_recipe(str(saved_path)), recipe, run_dir)
+    return recipe, run_dir, ckpt if resume is not None else None
+
+
+def _fresh_run_dir(run_dir: Path) -> None:
+    """Starting afresh where a finished (or never checkpointed) run was: drop its engine files."""
+    import shutil
+
+    for name in ("checkpoints", "metrics.jsonl", "summary.json", "train_state.json"):
+        path = run_dir / name
+        if path.is_dir():
+            log.warning("starting afresh in %s: removing the previous run's %s/", run_dir, name)
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def pretrain(
+    recipe_name: str | None,
+    overrides: Sequence[str],
+    out: Path | None,
+    quiet: bool,
+    resume: str | None = None,
+) -> Path:
+    """Load the recipe, train (or resume), export the backbone; returns the run directory."""
+    recipe, run_dir, ckpt = _resolve_run(recipe_name, overrides, out, resume)  # fail fast, before torch
+
+    import torch
+    from accelerate.utils import broadcast_object_list
+
+    from ssl_vit import data, objectives
+    from ssl_vit.config import save_recipe
     from ssl_vit.data import class_names, train_loader
-    from ssl_vit.engine.loop import fit
+    from ssl_vit.engine.loop import ensure_writable, fit, processes
     from ssl_vit.model_card import write_model_card
     from ssl_vit.pretrained import backbone_from_config
 
-    recipe = load_recipe(recipe_name, list(overrides))
-    name = resolve_recipe_path(recipe_name).stem
     objectives.get(recipe.objective["name"])  # unknown objective: fail before any work
-    run_dir = out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    world = processes(recipe.train)  # under torchrun: this rank among all; fit's Accelerator reuses it
+    run_dir, ckpt = broadcast_object_list([run_dir, ckpt])  # one timestamped default for all ranks
+    main = world.is_main_process
     torch.manual_seed(recipe.seed)
     backbone = backbone_from_config(recipe.model)  # applies model.init_from
     objective = objectives.build(recipe.objective, backbone, num_classes=len(class_names(recipe.data.train)))
@@ -39,11 +133,18 @@ def pretrain(recipe_name: str, overrides: Sequence[str], out: Path | None, quiet
     loader = train_loader(
         recipe.data, spec, recipe.model.img_size, recipe.model.in_chans, recipe.train.batch_size, recipe.seed
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run_dir / "recipe.yaml")
-    if not quiet:
+    if main:
+        ensure_writable(run_dir)
+        if ckpt is None:
+            _fresh_run_dir(run_dir)
+        (run_dir / "summary.json").unlink(missing_ok=True)  # written again when this (re)start ends
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    world.wait_for_everyone()
+    if main and not quiet:
         n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
-        print(f"pretraining '{recipe.objective['name']}' ({n_params:.2f}M backbone params) -> {run_dir}")
+        what = f"resuming from {ckpt.name}" if ckpt else f"pretraining '{recipe.objective['name']}'"
+        print(f"{what} ({n_params:.2f}M backbone params) -> {run_dir}")
+    skip_counts = getattr(data, "skip_counts", None)  # counters of skipped bad samples, where data has them
     result = fit(
         objective,
         loader,
@@ -55,7 +156,11 @@ def pretrain(recipe_name: str, overrides: Sequence[str], out: Path | None, quiet
         run_dir,
         recipe.seed,
         progress=not quiet,
+        resume=ckpt,
+        data_stats=(lambda: dict(skip_counts())) if callable(skip_counts) else None,
     )
+    if not main:
+        return run_dir
     _export_from_objective(
         objective, run_dir / "backbone", recipe, run_dir, result.seconds, result.images_seen
     )
@@ -236,9 +341,11 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 # Each command is a parser builder plus a runner; `COMMANDS` lists them in the order of `--help`.
 def _add_pretrain(sub: Any) -> None:
     p = sub.add_parser(
-        "pretrain", help="pretrain a backbone from a recipe", description="Pretrain a backbone from a recipe."
+        "pretrain",
+        help="pretrain a backbone from a recipe",
+        description="Pretrain a backbone from a recipe, or continue a run with --resume.",
     )
-    p.add_argument("recipe", help="a YAML file or a name under recipes/, e.g. digits/supervised")
+    p.add_argument("recipe", nargs="?", help="a YAML file or a name under recipes/, e.g. digits/supervised")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -246,11 +353,27 @@ def _add_pretrain(sub: Any) -> None:
         help="recipe overrides, e.g. optim.lr=3e-4 train.max_steps=100",
     )
     p.add_argument("--out", type=Path, help="run directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument(
+        "--resume",
+        metavar="auto|RUN_DIR",
+        help="'auto': continue the latest valid checkpoint in --out, or start fresh there; "
+        "RUN_DIR: continue that run with its saved recipe (only train.epochs/max_steps may change)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or chatter")
 
 
 def _run_pretrain(args: argparse.Namespace) -> None:
-    pretrain(args.recipe, args.overrides, args.out, args.quiet)
+    from ssl_vit.engine.signals import TrainingInterrupted
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:
+        recipe, overrides = None, [recipe, *overrides]  # `--resume RUN_DIR key=value`: no RECIPE
+    try:
+        pretrain(recipe, overrides, args.out, args.quiet, args.resume)
+    except TrainingInterrupted as stop:
+        run_dir = Path(stop.checkpoint).parent.parent
+        print(f"interrupted: {stop}; continue with --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
 
 
 def _add_probe(sub: Any) -> None:

@@ -69,7 +69,7 @@ def make_run(run_dir: Path, teacher: bool = False, evals: bool = True) -> Path:
     """
     from ssl_vit import objectives
     from ssl_vit.config import load_recipe, save_recipe
-    from ssl_vit.engine.checkpoint import save_checkpoint
+    from ssl_vit.engine.checkpoint import write_checkpoint
     from tests.conftest import TINY
 
     recipe = load_recipe("digits/supervised", TINY)
@@ -80,7 +80,7 @@ def make_run(run_dir: Path, teacher: bool = False, evals: bool = True) -> Path:
         objective.teacher_backbone = Backbone.from_config(recipe.model)
     run_dir.mkdir(parents=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
-    save_checkpoint(run_dir / "checkpoints", 7, objective, {}, {"epoch": 1})
+    write_checkpoint(run_dir / "checkpoints", 7, objective.state_dict(), {}, {"epoch": 1})
     summary = {"objective": "supervised", "steps": 7, "images_seen": 224, "pretrain_seconds": 3725.0}
     (run_dir / "summary.json").write_text(json.dumps({**summary, "final_loss": 1.25}))
     if evals:
