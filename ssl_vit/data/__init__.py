@@ -15,11 +15,11 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_vit.config import DataConfig
-from ssl_vit.data.builtin import BUILTIN, builtin_arrays, builtin_classes, parse_builtin
+from ssl_vit.data.builtin import BUILTIN, builtin_classes, parse_builtin
 from ssl_vit.data.safety import reset_skip_counts, skip_counts
-from ssl_vit.data.sources import resolve, scan
+from ssl_vit.data.sources import is_local, resolve, scan
 from ssl_vit.data.stream import StreamLoader, build_loader, collate, read_split
-from ssl_vit.data.views import MultiView, match_channels, resize
+from ssl_vit.data.views import MultiView, resize
 from ssl_vit.errors import DataError
 from ssl_vit.types import ViewSpec
 
@@ -38,13 +38,20 @@ log = logging.getLogger(__name__)
 
 
 def class_names(source: str, cache_dir: str | None = None) -> list[str]:
-    """Class names of a source: built-in, from the shards' manifest, else `0..max(.cls)` by a scan."""
+    """Class names of a source: built-in, from the shards' manifest, else `0..max(.cls)` by a scan.
+
+    Remote shards without a manifest give [] (nothing to scan cheaply); a supervised objective then
+    asks for `objective.num_classes`.
+    """
     spec = parse_builtin(source)
     if spec is not None:
         return builtin_classes(spec)
     shards = resolve(source, "train", cache_dir)
     if shards.classes is not None:
         return shards.classes
+    if not all(is_local(url) for url in shards.urls):
+        log.warning("no manifest.json for %s: class names unknown", source)
+        return []
     log.info("no manifest.json beside %s: scanning its .cls labels", source)
     _, top = scan(shards.urls)
     return [str(i) for i in range(top + 1)]
@@ -62,16 +69,10 @@ def load_images(
 ) -> tuple[Tensor, Tensor]:
     """A whole split in memory: images (N, C, S, S) in [0, 1] and labels (N,) int64.
 
-    Built-in sets are generated directly (the same pixels their shards hold); anything else is read
-    from its shards, skipping bad samples as training does. `split` is `train` or `test` (a shard
-    folder's `val` split stands in for a missing `test`).
+    Read from the shards, built-in sets included, with the decoding training uses (so channels are
+    converted the same way), skipping bad samples. `split` is `train` or `test` (a shard folder's
+    `val` split stands in for a missing `test`).
     """
-    spec = parse_builtin(source)
-    if spec is not None:
-        pixels, label_array = builtin_arrays(spec, split)  # (N, H, W, C) uint8
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0  # (N, C, H, W)
-        images = torch.stack([match_channels(img, in_chans) for img in resize(images, img_size)])
-        return images, torch.from_numpy(label_array)
     shards = resolve(source, split, cache_dir)
     decoded = [
         (_square(img.float() / 255.0, img_size), lab) for img, lab in read_split(shards.urls, in_chans)

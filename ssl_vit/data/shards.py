@@ -165,7 +165,12 @@ def _write_split(
         shards.append({"file": Path(fname).name, "count": sink.count})
 
     sink = wds.ShardWriter(
-        str(out / f"{split}-%06d.tar"), maxcount=shard_size, maxsize=MAX_SHARD_BYTES, post=closed, verbose=0
+        str(out / f"{split}-%06d.tar"),
+        maxcount=shard_size,
+        maxsize=MAX_SHARD_BYTES,
+        post=closed,
+        verbose=0,
+        mtime=int(time.time()),  # an integer: TarWriter's default float mtime costs a PAX header per member
     )
     with sink:
         for item in items:

@@ -13,6 +13,7 @@ The manifest next to local shards (if any) gives class names and sample counts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -188,8 +189,14 @@ def scan(urls: list[str]) -> tuple[int, int]:
     """(samples, largest `.cls`) of local shards that have no manifest.
 
     Reads tar headers and the tiny `.cls` members only; an unreadable shard is passed over here (the
-    stream counts it when it gets there).
+    stream counts it when it gets there). Remembered per URL list: class names and the epoch length
+    both ask.
     """
+    return _scan(tuple(urls))
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(urls: tuple[str, ...]) -> tuple[int, int]:
     count, top = 0, -1
     for url in urls:
         if not is_local(url):
