@@ -480,12 +480,45 @@ def _run_show(args: argparse.Namespace) -> None:
     )
 
 
+def _add_shards(sub: Any) -> None:
+    p = sub.add_parser(
+        "shards",
+        help="write WebDataset shards from a built-in set, an image folder or a CSV",
+        description="Write DIR/train-%%06d.tar (and val-/test-) plus DIR/manifest.json.",
+    )
+    p.add_argument(
+        "src", help="digits, shapes[:TRAIN:TEST], an ImageFolder dir, or a CSV/TSV of path[,label]"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (must not hold shards yet)")
+    p.add_argument(
+        "--shard-size", type=int, default=None, help="samples per shard (default 1000; built-in: 16 shards)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0, help="fraction written to val-* shards (default 0)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the write order and the val split")
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first unreadable image instead of skipping it"
+    )
+
+
+def _run_shards(args: argparse.Namespace) -> None:
+    from ssl_vit.data.shards import write_shards
+
+    manifest = write_shards(args.src, args.out, args.shard_size, args.val_fraction, args.strict, args.seed)
+    splits = ", ".join(
+        f"{name} {s['count']} in {len(s['shards'])} shards" for name, s in manifest["splits"].items()
+    )
+    print(f"wrote {splits} -> {args.out} (skipped {manifest['skipped']['count']} unreadable)")
+
+
 COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = {
     "pretrain": (_add_pretrain, _run_pretrain),
     "probe": (_add_probe, _run_probe),
     "export": (_add_export, _run_export),
     "demo": (_add_demo, _run_demo),
     "show": (_add_show, _run_show),
+    "shards": (_add_shards, _run_shards),
 }
 
 

@@ -1,82 +1,126 @@
-"""Data sources and loaders.
+"""Data: WebDataset shards streamed into the views an objective asks for.
 
-A source yields samples `{"image": (C, H, W) float in [0, 1], "label": int}`. The built-in `digits`
-set needs no download. The loader applies the objective's views and batches into `Batch`.
+Every training source goes through shards, the built-in sets included: `digits` (scikit-learn, fast,
+for tests) and `shapes` (procedural RGB, where objectives differ) are written once into a cache folder
+and streamed like any user data. The evaluators read whole splits into memory with `load_images`.
+`skip_counts()` reports the bad samples skipped so far (for `metrics.jsonl`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
 
 from ssl_vit.config import DataConfig
-from ssl_vit.data.digits import CLASS_NAMES as DIGITS_CLASSES
-from ssl_vit.data.digits import digits_split
-from ssl_vit.data.views import MultiView, match_channels, resize
+from ssl_vit.data.builtin import BUILTIN, builtin_classes, parse_builtin
+from ssl_vit.data.safety import reset_skip_counts, skip_counts
+from ssl_vit.data.sources import is_local, resolve, scan
+from ssl_vit.data.stream import StreamLoader, build_loader, collate, read_split
+from ssl_vit.data.views import MultiView, resize
 from ssl_vit.errors import DataError
-from ssl_vit.types import Batch, ViewSpec
+from ssl_vit.types import ViewSpec
 
-BUILTIN = ("digits",)
+__all__ = [
+    "BUILTIN",
+    "StreamLoader",
+    "class_names",
+    "collate",
+    "load_images",
+    "reset_skip_counts",
+    "skip_counts",
+    "train_loader",
+]
 
-
-def class_names(source: str) -> list[str]:
-    if source == "digits":
-        return list(DIGITS_CLASSES)
-    raise DataError(f"data source '{source}' is not available; built-in sets: {', '.join(BUILTIN)}")
-
-
-def load_images(source: str, split: str, img_size: int, in_chans: int) -> tuple[Tensor, Tensor]:
-    """A whole split in memory: images (N, C, S, S) in [0, 1] and labels (N,) int64."""
-    if source == "digits":
-        images, labels = digits_split(split)
-    else:
-        raise DataError(f"data source '{source}' is not available; built-in sets: {', '.join(BUILTIN)}")
-    images = resize(images, img_size)
-    images = torch.stack([match_channels(img, in_chans) for img in images])
-    return images, labels
+log = logging.getLogger(__name__)
 
 
-class ViewDataset(Dataset[tuple[list[Tensor], int]]):
-    """In-memory images, each turned into the objective's views on access."""
+def class_names(source: str, cache_dir: str | None = None) -> list[str]:
+    """Class names of a source: built-in, from the shards' manifest, else `0..max(.cls)` by a scan.
 
-    def __init__(self, images: Tensor, labels: Tensor, views: MultiView) -> None:
-        self.images, self.labels, self.views = images, labels, views
+    Remote shards without a manifest give [] (nothing to scan cheaply); a supervised objective then
+    asks for `objective.num_classes`.
+    """
+    spec = parse_builtin(source)
+    if spec is not None:
+        return builtin_classes(spec)
+    shards = resolve(source, "train", cache_dir)
+    if shards.classes is not None:
+        return shards.classes
+    if not all(is_local(url) for url in shards.urls):
+        log.warning("no manifest.json for %s: class names unknown", source)
+        return []
+    log.info("no manifest.json beside %s: scanning its .cls labels", source)
+    _, top = scan(shards.urls)
+    return [str(i) for i in range(top + 1)]
 
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
-    def __getitem__(self, index: int) -> tuple[list[Tensor], int]:
-        return self.views(self.images[index]), int(self.labels[index])
+def _square(image: Tensor, size: int) -> Tensor:
+    """(C, h, w) float -> (C, size, size): resize the short side, centre-crop (square images: resize)."""
+    if image.shape[-2] != image.shape[-1]:
+        image = TF.center_crop(TF.resize(image, [size], antialias=True), [size, size])
+    return resize(image[None], size)[0]
 
 
-def collate(samples: Sequence[tuple[list[Tensor], int]]) -> Batch:
-    """[(views, label)] -> Batch with views[i] of shape (B, C, H_i, W_i)."""
-    n_views = len(samples[0][0])
-    views = [torch.stack([s[0][i] for s in samples]) for i in range(n_views)]
-    return Batch(views=views, labels=torch.tensor([s[1] for s in samples], dtype=torch.long))
+def load_images(
+    source: str, split: str, img_size: int, in_chans: int, cache_dir: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """A whole split in memory: images (N, C, S, S) in [0, 1] and labels (N,) int64.
+
+    Read from the shards, built-in sets included, with the decoding training uses (so channels are
+    converted the same way), skipping bad samples. `split` is `train` or `test` (a shard folder's
+    `val` split stands in for a missing `test`).
+    """
+    shards = resolve(source, split, cache_dir)
+    decoded = [
+        (_square(img.float() / 255.0, img_size), lab) for img, lab in read_split(shards.urls, in_chans)
+    ]
+    if not decoded:
+        raise DataError(f"'{source}' split '{split}' has no readable sample")
+    return torch.stack([img for img, _ in decoded]), torch.tensor(
+        [lab for _, lab in decoded], dtype=torch.long
+    )
 
 
 def train_loader(
-    cfg: DataConfig, spec: ViewSpec, img_size: int, in_chans: int, batch_size: int, seed: int
-) -> DataLoader[tuple[list[Tensor], int]]:
-    """Shuffled, augmented batches of the training split; the last incomplete batch is dropped."""
-    images, labels = load_images(cfg.train, "train", img_size, in_chans)
-    if len(labels) < batch_size:
-        raise DataError(f"data.train has {len(labels)} images, fewer than train.batch_size={batch_size}")
+    cfg: DataConfig,
+    spec: ViewSpec,
+    img_size: int,
+    in_chans: int,
+    batch_size: int,
+    seed: int,
+    *,
+    rank: int | None = None,
+    world: int | None = None,
+    resampled: bool | None = None,
+) -> StreamLoader:
+    """Shuffled, augmented batches of `cfg.train` streamed from shards; `len()` = batches per epoch.
+
+    Incomplete batches are dropped. `rank`/`world` default to this process's; pass them to simulate
+    several processes (tests). See `ssl_vit.data.stream` for the exact and resampled modes.
+    """
+    shards = resolve(cfg.train, "train", cfg.cache_dir)
+    count = shards.count
+    if count is None and cfg.samples_per_epoch is None:
+        log.info("no manifest.json beside %s: counting its samples", cfg.train)
+        count, _ = scan(shards.urls)
     views = MultiView(
         spec, img_size, in_chans, cfg.mean, cfg.std, cfg.aug_strength, cfg.hflip, cfg.crop_scale
     )
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ViewDataset(images, labels, views),
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,
+    return build_loader(
+        shards.urls,
+        count,
+        views,
+        in_chans,
+        batch_size,
+        seed,
         num_workers=cfg.num_workers,
-        collate_fn=collate,
-        generator=generator,
-        persistent_workers=cfg.num_workers > 0,
+        shuffle_buffer=cfg.shuffle_buffer,
+        strict=cfg.strict,
+        samples_per_epoch=cfg.samples_per_epoch,
+        rank=rank,
+        world=world,
+        resampled=resampled,
     )

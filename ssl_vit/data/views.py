@@ -1,8 +1,12 @@
 """Turn one image into the views an objective asks for (its `ViewSpec`).
 
-Built on torchvision.transforms.v2 over float tensors in [0, 1]. Colour augmentations are skipped
-for single-channel data, where they have no meaning. Normalisation comes last, with the recipe's
-mean/std (which the export records).
+Built on torchvision.transforms.v2 over (C, H, W) tensors, uint8 from the shards or float in [0, 1].
+Per objective family (`ViewSpec.kind`): `supervised` random resized crop + flip; `masked` (MPP, MAE)
+the same light geometry only; `contrastive` (SimCLR, MoCo v3, DINO) adds colour jitter, grayscale,
+blur and, on the second view, solarize; DINO's local crops come from `ViewSpec.local_views`. The
+recipe scales colour strength (`data.aug_strength`). Single-channel data keeps only the colour
+operations that mean something on one channel. Normalisation comes last, with the recipe's mean/std
+(which the export records).
 """
 
 from __future__ import annotations
@@ -19,16 +23,32 @@ from ssl_vit.types import ViewSpec
 Transform = Callable[[Tensor], Tensor]
 
 
-def _colour(strength: float, in_chans: int, solarize: float, blur: float) -> list[Transform]:
-    if in_chans != 3 or strength <= 0:
+def _blur_kernel(size: int) -> int:
+    """An odd kernel about 10% of the view's side, as in SimCLR (3 px at 32 px, 23 px at 224 px)."""
+    return max(3, (size // 10) // 2 * 2 + 1)
+
+
+def _colour(strength: float, in_chans: int, size: int, solarize: float, blur: float) -> list[Transform]:
+    """SimCLR/BYOL colour distortion; on one channel, the parts that mean something there.
+
+    Grayscale data (digits) keeps brightness/contrast jitter, blur and solarize; saturation, hue and
+    random grayscale need colour and are left out.
+    """
+    if strength <= 0:
         return []
     s = strength
-    return [
-        v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 2.0))], p=blur),
-        v2.RandomSolarize(0.5, p=solarize),
-    ]
+    jitter = (
+        v2.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)
+        if in_chans == 3
+        else v2.ColorJitter(0.4 * s, 0.4 * s)
+    )
+    steps: list[Transform] = [v2.RandomApply([jitter], p=0.8)]
+    if in_chans == 3:
+        steps.append(v2.RandomGrayscale(p=0.2))
+    steps.append(v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=blur))
+    if solarize > 0:
+        steps.append(v2.RandomSolarize(0.5, p=solarize))
+    return steps
 
 
 def view_transform(
@@ -41,20 +61,26 @@ def view_transform(
     strength: float = 1.0,
     second_view: bool = False,
     hflip: bool = True,
+    local: bool = False,
 ) -> Transform:
-    """One augmentation pipeline: (C, H, W) in [0, 1] -> (C, size, size), normalised."""
+    """One augmentation pipeline: (C, H, W) uint8 or float in [0, 1] -> (C, size, size) float, normalised.
+
+    Geometry runs first, on whatever dtype arrives (cropping uint8 is cheaper), then the conversion
+    to float in [0, 1], colour, and normalisation.
+    """
     crop = v2.RandomResizedCrop(size, scale=scale, antialias=True)
     flip: list[Transform] = [v2.RandomHorizontalFlip()] if hflip else []
+    to_float = v2.ToDtype(torch.float32, scale=True)
     steps: list[Transform]
     if kind == "eval":
-        steps = [v2.Resize((size, size), antialias=True)]
+        steps = [v2.Resize((size, size), antialias=True), to_float]
     elif kind in ("supervised", "masked"):
-        steps = [crop, *flip]
+        steps = [crop, *flip, to_float]
     elif kind == "contrastive":
-        # BYOL/MoCo v3 asymmetry: the second view gets solarize and less blur.
-        steps = [crop, *flip] + _colour(
-            strength, in_chans, solarize=0.2 if second_view else 0.0, blur=0.1 if second_view else 1.0
-        )
+        # BYOL / MoCo v3 / DINO asymmetry (Grill et al. 2020, Table 6): view 1 always blurred, view 2
+        # rarely blurred but sometimes solarized; DINO's local crops blur half the time (Caron et al. 2021).
+        blur, solarize = (0.5, 0.0) if local else (0.1, 0.2) if second_view else (1.0, 0.0)
+        steps = [crop, *flip, to_float, *_colour(strength, in_chans, size, solarize, blur)]
     else:
         raise RecipeError(f"unknown view kind '{kind}' (supervised, masked, contrastive, eval)")
     steps.append(v2.Normalize(list(mean), list(std)))
@@ -87,7 +113,15 @@ class MultiView:
         local_size = spec.local_size or max(img_size // 2, 1)
         self.transforms += [
             view_transform(
-                spec.kind, local_size, spec.local_scale, in_chans, mean, std, strength, hflip=hflip
+                spec.kind,
+                local_size,
+                spec.local_scale,
+                in_chans,
+                mean,
+                std,
+                strength,
+                hflip=hflip,
+                local=True,
             )
             for _ in range(spec.local_views)
         ]
