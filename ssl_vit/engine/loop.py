@@ -67,8 +67,13 @@ def fit(
     run_dir: Path,
     seed: int,
     progress: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> FitResult:
-    """Train `objective` and write `metrics.jsonl` and `checkpoints/` into `run_dir`."""
+    """Train `objective` and write `metrics.jsonl` and `checkpoints/` into `run_dir`.
+
+    `optimizer`: one built by the caller (fine-tuning's layer-decay groups from timm's factory);
+    by default AdamW over `param_groups`. A group's `lr_scale` multiplies the scheduled lr.
+    """
     if train.mixed_precision not in ("no", "bf16", "fp16"):
         raise RecipeError(f"train.mixed_precision must be no, bf16 or fp16, not '{train.mixed_precision}'")
     accelerator = Accelerator(
@@ -85,8 +90,9 @@ def fit(
         optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_epochs * updates_per_epoch)
     )
 
-    groups = param_groups(objective, optim.weight_decay, objective.no_weight_decay())
-    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(optim.betas[0], optim.betas[1]))  # type: ignore[arg-type]
+    if optimizer is None:
+        groups = param_groups(objective, optim.weight_decay, objective.no_weight_decay())
+        optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(optim.betas[0], optim.betas[1]))  # type: ignore[arg-type]
     model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
     inner: Objective = accelerator.unwrap_model(model)
 
@@ -122,7 +128,7 @@ def fit(
                     wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
                     wd = cosine_schedule(step, total_steps, optim.weight_decay, wd_end)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
                         if group.get("apply_wd"):
                             group["weight_decay"] = wd
                 optimizer.step()
