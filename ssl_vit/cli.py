@@ -200,9 +200,12 @@ def compare_runs(
 
 # ---------------------------------------------------------------- demo
 DEMO_DATA = "digits"  # becomes "shapes" once the built-in shapes set lands
-DEMO_STEPS: dict[str, dict[str, int]] = {  # pretraining steps per objective, before --steps-scale
-    "digits": {"supervised": 150},
-    "shapes": {"supervised": 150},
+# Pretraining steps per objective, before --steps-scale. Digits: measured (supervised, 300 steps
+# ~30 s on one free core). Shapes: first guesses from relative step costs (an MAE step ~3x cheaper
+# than SimCLR's, ~4x than DINO's), to be tuned so that `make demo` stays under 10 minutes.
+DEMO_STEPS: dict[str, dict[str, int]] = {
+    "digits": {"supervised": 300},
+    "shapes": {"supervised": 300, "mpp": 300, "mae": 400, "simclr": 150, "mocov3": 150, "dino": 100},
 }
 DEMO_DEFAULT_STEPS = 150
 DEMO_FINETUNE_STEPS = 100

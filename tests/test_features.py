@@ -103,3 +103,19 @@ def test_random_init_model_keeps_architecture_and_changes_weights(tiny_backbone:
     assert {k: v.shape for k, v in rand.backbone.state_dict().items()} == {
         k: v.shape for k, v in tiny_backbone.state_dict().items()
     }
+
+
+def test_any_timm_folder_loads_without_ssl_vit_metadata(tiny_backbone: Backbone, tmp_path: Path) -> None:
+    """A folder written by plain timm (no `ssl_vit` block, no recipe) is evaluated on digits."""
+    from timm.models import save_for_hf
+
+    save_for_hf(tiny_backbone.vit, str(tmp_path), safe_serialization=True)
+    model = ft.load_eval_model(tmp_path)
+    assert (model.data, model.objective, model.name, model.run_dir) == (
+        "digits",
+        "unknown",
+        tmp_path.name,
+        None,
+    )
+    assert ft.weights_digest(model.backbone) == ft.weights_digest(tiny_backbone)
+    assert ft.save_result(model, "knn", {"top1": 1.0}) is None  # not a run directory: nothing written
