@@ -205,8 +205,14 @@ def compare(
         raise RecipeError("compare needs at least one run directory or export folder")
     models = [load_eval_model(path, protocol.data) for path in inputs]
     data = protocol.data or models[0].data
+    seen: dict[str, int] = {}
     for model in models:
         model.data = data
+        if model.name == "backbone" and model.source is not None:  # RUN_DIR/backbone: name the run
+            model.name = model.source.resolve().parent.name
+        seen[model.name] = seen.get(model.name, 0) + 1
+        if seen[model.name] > 1:  # two folders with one name: keep rows and fine-tune folders apart
+            model.name = f"{model.name}-{seen[model.name]}"
     first = models[0]
     out.mkdir(parents=True, exist_ok=True)
 

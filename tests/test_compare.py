@@ -84,8 +84,10 @@ def test_compare_writes_every_file_with_baselines_and_aggregates_runs(
 
 
 def test_compare_without_finetune_leaves_nulls(runs: list[Path], tmp_path: Path) -> None:
-    rows = compare(runs[:1], tmp_path, Protocol(probe=False, knn=True, shots=0), tmp_path / "cache")
-    assert len(rows) == 3
+    rows = compare(
+        [runs[0] / "backbone"], tmp_path, Protocol(probe=False, knn=True, shots=0), tmp_path / "cache"
+    )
+    assert len(rows) == 3 and rows[2]["name"] == "sup-s0"  # a run's backbone/ export is named after the run
     assert all(
         r["linear_probe_top1"] is None and r["lowshot_top1"] is None and r["shots"] is None for r in rows
     )
