@@ -12,6 +12,7 @@ The cache key hashes the weights, the data, the split, the feature kind and the 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -127,6 +128,13 @@ def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (images - m) / s
 
 
+@functools.lru_cache(maxsize=2)
+def split_images(data: str, split: str, img_size: int, in_chans: int) -> tuple[Tensor, Tensor]:
+    """`load_images`, remembered for the last two splits: `compare` evaluates many backbones on the
+    same train and test images, and a built-in set is generated anew on each load. Read-only."""
+    return load_images(data, split, img_size, in_chans)
+
+
 def _pooled(backbone: Backbone, imgs: Tensor, kind: str) -> Tensor:
     """(B, C, H, W) -> (B, D') for one feature kind."""
     if kind == "cls4":
@@ -218,7 +226,7 @@ def split_features(
             return np.load(path, mmap_mode="r"), np.load(labels_path)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_dir / f".{key}.{os.getpid()}.tmp.npy"
-    images, labels = load_images(model.data, split, model.img_size, model.in_chans)
+    images, labels = split_images(model.data, split, model.img_size, model.in_chans)
 
     def to_disk(shape: tuple[int, int]) -> np.ndarray:
         assert tmp is not None
@@ -239,5 +247,5 @@ def split_features(
 
 def raw_pixel_features(data: str, split: str, img_size: int, in_chans: int) -> tuple[np.ndarray, np.ndarray]:
     """The raw-pixel baseline: flattened images in [0, 1]."""
-    images, labels = load_images(data, split, img_size, in_chans)
+    images, labels = split_images(data, split, img_size, in_chans)
     return images.flatten(1).numpy(), labels.numpy()

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ssl_vit.eval.features import EvalModel, normalise
+from ssl_vit.eval.features import EvalModel, normalise, split_images
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import CkptConfig, DataConfig, LogConfig, OptimConfig, TrainConfig
-from ssl_vit.data import class_names, load_images, train_loader
+from ssl_vit.data import class_names, train_loader
 from ssl_vit.engine.loop import fit
 from ssl_vit.errors import RecipeError
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
@@ -97,7 +97,7 @@ def build_optimizer(objective: FineTune, cfg: FinetuneConfig) -> torch.optim.Opt
 @torch.inference_mode()
 def evaluate(objective: FineTune, model: EvalModel, split: str = "test", batch_size: int = 256) -> float:
     """Top-1 of the fine-tuned classifier on one split, in eval mode."""
-    images, labels = load_images(model.data, split, model.img_size, model.in_chans)
+    images, labels = split_images(model.data, split, model.img_size, model.in_chans)
     device = next(objective.parameters()).device
     objective.eval()
     preds = []

@@ -200,12 +200,12 @@ def compare_runs(
 
 # ---------------------------------------------------------------- demo
 DEMO_DATA = "digits"  # becomes "shapes" once the built-in shapes set lands
-# Pretraining steps per objective, before --steps-scale. Digits: measured (supervised, 300 steps
-# ~30 s on one free core). Shapes: first guesses from relative step costs (an MAE step ~3x cheaper
-# than SimCLR's, ~4x than DINO's), to be tuned so that `make demo` stays under 10 minutes.
+# Pretraining steps per objective, before --steps-scale, chosen for roughly equal wall time per
+# objective: seconds per step measured on the shared 2-core machine (1 thread, under load) with the
+# shapes recipes: supervised 0.24, mpp 0.27, mae 0.23, simclr 1.5, mocov3 1.5, dino 1.4.
 DEMO_STEPS: dict[str, dict[str, int]] = {
     "digits": {"supervised": 300},
-    "shapes": {"supervised": 300, "mpp": 300, "mae": 400, "simclr": 150, "mocov3": 150, "dino": 100},
+    "shapes": {"supervised": 300, "mpp": 300, "mae": 400, "simclr": 80, "mocov3": 80, "dino": 60},
 }
 DEMO_DEFAULT_STEPS = 150
 DEMO_FINETUNE_STEPS = 100
