@@ -178,6 +178,36 @@ class Backbone(nn.Module):
         """Pooled features: (B, C, H, W) -> (B, D)."""
         return self.pool(self.forward_features(imgs))
 
+    @torch.no_grad()
+    def forward_with_attention(self, imgs: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward_features(imgs)` plus the last block's attention probabilities.
+
+        DINO (Caron et al. 2021, fig. 1) visualises the CLS token's attention in the last block. timm's
+        fused attention never materialises the probabilities, so a forward hook on the last block's
+        `attn` module recomputes softmax(q k^T * scale) from the module's own `qkv`, `q_norm` and
+        `k_norm` on the hook's input. The hook returns nothing, so the forward itself is untouched.
+        Returns features (B, P + N, D) and attention (B, heads, P + N, P + N).
+        """
+        attn = getattr(self.vit.blocks[-1], "attn", None)
+        needed = ("qkv", "q_norm", "k_norm", "num_heads", "scale")
+        if attn is None or not all(hasattr(attn, name) for name in needed):
+            raise RecipeError(f"the last block of '{type(self.vit).__name__}' has no timm Attention module")
+        recorded: list[Tensor] = []
+
+        def record(module: Any, args: tuple[Tensor, ...], output: Tensor) -> None:
+            qkv = rearrange(
+                module.qkv(args[0]), "b n (three h d) -> three b h n d", three=3, h=module.num_heads
+            )  # (3, B, heads, P+N, head_dim)
+            q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])
+            recorded.append(((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1))  # (B, h, P+N, P+N)
+
+        handle = attn.register_forward_hook(record)
+        try:
+            features = self.forward_features(imgs)
+        finally:
+            handle.remove()
+        return features, recorded[0]
+
     def patch_tokens(self, features: Tensor) -> Tensor:
         """Drop the prefix tokens: (B, P + N, D) -> (B, N, D)."""
         return features[:, self.num_prefix_tokens :]

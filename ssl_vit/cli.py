@@ -17,32 +17,134 @@ log = logging.getLogger("ssl_vit")
 
 
 # ---------------------------------------------------------------- pretrain
-def pretrain(recipe_name: str, overrides: Sequence[str], out: Path | None, quiet: bool) -> Path:
-    """Load the recipe, train, export the backbone; returns the run directory."""
+RUN_LENGTH_KEYS = ("train.epochs", "train.max_steps")  # the only keys a resume may change
+
+
+def _flat(recipe: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    def walk(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            out: dict[str, Any] = {}
+            for key, value in node.items():
+                out.update(walk(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: node}
+
+    return walk(OmegaConf.to_container(OmegaConf.structured(recipe)), "")
+
+
+def _check_resumable(saved: Any, given: Any, run_dir: Path) -> None:
+    """A resume may change the run length only; anything else would not continue the same run."""
+    old, new = _flat(saved), _flat(given)
+    for key in sorted(set(old) | set(new)):
+        if key not in RUN_LENGTH_KEYS and old.get(key) != new.get(key):
+            from ssl_vit.errors import RecipeError
+
+            raise RecipeError(
+                f"--resume: {key} is {old.get(key)!r} in {run_dir / 'recipe.yaml'} but {new.get(key)!r} "
+                f"here; only {' and '.join(RUN_LENGTH_KEYS)} may change when resuming"
+            )
+
+
+def _resolve_run(
+    recipe_name: str | None, overrides: Sequence[str], out: Path | None, resume: str | None
+) -> tuple[Any, Path, Path | None]:
+    """(recipe, run dir, checkpoint to resume from or None) for `pretrain`.
+
+    `--resume auto` continues the latest valid checkpoint of `--out` or starts fresh there;
+    `--resume RUN_DIR` does the same in RUN_DIR, with its saved recipe unless RECIPE is given.
+    """
+    from ssl_vit.config import load_recipe, resolve_recipe_path
+    from ssl_vit.errors import CheckpointError, RecipeError
+
+    if resume is None or resume == "auto":
+        if resume == "auto" and out is None:
+            raise RecipeError("--resume auto needs --out RUN_DIR (the run to continue)")
+        run_dir = out
+    else:
+        run_dir = Path(resume)
+        if out is not None and out.resolve() != run_dir.resolve():
+            raise RecipeError(f"--resume {run_dir} continues in {run_dir}; drop --out {out}")
+        if not (run_dir / "recipe.yaml").is_file():
+            raise CheckpointError(f"{run_dir} is not a run directory (no recipe.yaml)")
+    saved_path = run_dir / "recipe.yaml" if run_dir is not None else None
+    has_saved = saved_path is not None and saved_path.is_file()
+    if recipe_name is None and not (resume is not None and has_saved):
+        raise RecipeError("pretrain needs a RECIPE (or --resume RUN_DIR to continue a run)")
+    recipe = load_recipe(recipe_name if recipe_name is not None else str(saved_path), list(overrides))
+    if run_dir is None:
+        name = resolve_recipe_path(str(recipe_name)).stem
+        run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from ssl_vit.engine.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if resume is None and ckpt is not None and not (run_dir / "summary.json").is_file():
+        raise CheckpointError(
+            f"{run_dir} holds an unfinished run ({ckpt.name}); continue it with --resume auto "
+            "or choose another --out"
+        )
+    if resume is not None and ckpt is not None and has_saved:
+        _check_resumable(load_recipe(str(saved_path)), recipe, run_dir)
+    return recipe, run_dir, ckpt if resume is not None else None
+
+
+def _fresh_run_dir(run_dir: Path) -> None:
+    """Starting afresh where a finished (or never checkpointed) run was: drop its engine files."""
+    import shutil
+
+    for name in ("checkpoints", "metrics.jsonl", "summary.json", "train_state.json"):
+        path = run_dir / name
+        if path.is_dir():
+            log.warning("starting afresh in %s: removing the previous run's %s/", run_dir, name)
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def pretrain(
+    recipe_name: str | None,
+    overrides: Sequence[str],
+    out: Path | None,
+    quiet: bool,
+    resume: str | None = None,
+) -> Path:
+    """Load the recipe, train (or resume), export the backbone; returns the run directory."""
+    recipe, run_dir, ckpt = _resolve_run(recipe_name, overrides, out, resume)  # fail fast, before torch
+
     import torch
+    from accelerate.utils import broadcast_object_list
 
-    from ssl_vit import objectives
-    from ssl_vit.backbone import Backbone
-    from ssl_vit.config import load_recipe, resolve_recipe_path, save_recipe
+    from ssl_vit import data, objectives
+    from ssl_vit.config import save_recipe
     from ssl_vit.data import class_names, train_loader
-    from ssl_vit.engine.loop import fit
+    from ssl_vit.engine.loop import ensure_writable, fit, processes
+    from ssl_vit.model_card import write_model_card
+    from ssl_vit.pretrained import backbone_from_config
 
-    recipe = load_recipe(recipe_name, list(overrides))
-    name = resolve_recipe_path(recipe_name).stem
     objectives.get(recipe.objective["name"])  # unknown objective: fail before any work
-    run_dir = out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    world = processes(recipe.train)  # under torchrun: this rank among all; fit's Accelerator reuses it
+    run_dir, ckpt = broadcast_object_list([run_dir, ckpt])  # one timestamped default for all ranks
+    main = world.is_main_process
     torch.manual_seed(recipe.seed)
-    backbone = Backbone.from_config(recipe.model)
+    backbone = backbone_from_config(recipe.model)  # applies model.init_from
     objective = objectives.build(recipe.objective, backbone, num_classes=len(class_names(recipe.data.train)))
     spec = objective.views()
     loader = train_loader(
         recipe.data, spec, recipe.model.img_size, recipe.model.in_chans, recipe.train.batch_size, recipe.seed
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run_dir / "recipe.yaml")
-    if not quiet:
+    if main:
+        ensure_writable(run_dir)
+        if ckpt is None:
+            _fresh_run_dir(run_dir)
+        (run_dir / "summary.json").unlink(missing_ok=True)  # written again when this (re)start ends
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    world.wait_for_everyone()
+    if main and not quiet:
         n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
-        print(f"pretraining '{recipe.objective['name']}' ({n_params:.2f}M backbone params) -> {run_dir}")
+        what = f"resuming from {ckpt.name}" if ckpt else f"pretraining '{recipe.objective['name']}'"
+        print(f"{what} ({n_params:.2f}M backbone params) -> {run_dir}")
+    skip_counts = getattr(data, "skip_counts", None)  # counters of skipped bad samples, where data has them
     result = fit(
         objective,
         loader,
@@ -54,7 +156,11 @@ def pretrain(recipe_name: str, overrides: Sequence[str], out: Path | None, quiet
         run_dir,
         recipe.seed,
         progress=not quiet,
+        resume=ckpt,
+        data_stats=(lambda: dict(skip_counts())) if callable(skip_counts) else None,
     )
+    if not main:
+        return run_dir
     _export_from_objective(
         objective, run_dir / "backbone", recipe, run_dir, result.seconds, result.images_seen
     )
@@ -70,6 +176,7 @@ def pretrain(recipe_name: str, overrides: Sequence[str], out: Path | None, quiet
             indent=2,
         )
     )
+    write_model_card(run_dir / "backbone", run_dir)
     if not quiet:
         print(
             f"done: {result.steps} steps, {result.images_seen} images, {result.seconds:.1f}s, final loss {result.final_loss:.4f}"
@@ -87,20 +194,57 @@ def _export_from_objective(
 ) -> Path:
     from ssl_vit.export import export_backbone
 
-    extra = {"objective": recipe.objective["name"], "run_dir": str(run_dir), "data": recipe.data.train}
+    weights = default_weights(recipe.objective["name"])
+    backbone = _teacher_backbone(objective) if weights == "teacher" else objective.backbone
+    extra = {
+        "objective": recipe.objective["name"],
+        "weights": weights,
+        "run_dir": str(run_dir),
+        "data": recipe.data.train,
+    }
     if seconds is not None:
         extra.update(pretrain_seconds=seconds, images_seen=images)
-    return export_backbone(objective.backbone, out, recipe.data.mean, recipe.data.std, extra)
+    return export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
+
+
+def _teacher_backbone(objective: Any) -> Any:
+    """`objective.teacher_backbone`, else the EMA partner of `objective.backbone` in `ema_pairs()`."""
+    from ssl_vit.errors import CheckpointError
+
+    teacher = getattr(objective, "teacher_backbone", None)
+    for online, partner in objective.ema_pairs():
+        if teacher is None and online is objective.backbone:
+            teacher = partner
+    if teacher is None:
+        raise CheckpointError("the objective asks for its teacher to be exported but has no teacher backbone")
+    return teacher
 
 
 # ---------------------------------------------------------------- export
-def export(run_dir: Path, out: Path) -> Path:
-    """Rebuild the run's backbone from its recipe and latest checkpoint, and export it."""
+def default_weights(objective_name: str) -> str:
+    """The objective's `export_weights` ("teacher" where its paper evaluates the EMA teacher)."""
+    from ssl_vit import objectives
+    from ssl_vit.errors import RecipeError
+
+    try:
+        return str(getattr(objectives.get(objective_name), "export_weights", "student"))
+    except RecipeError:  # a run made by an objective this install does not have
+        return "student"
+
+
+def export(
+    run_dir: Path, out: Path, weights: str | None = None, fmt: str = "timm", license_id: str = "apache-2.0"
+) -> Path:
+    """Rebuild the run's student or teacher backbone from its latest checkpoint and export it.
+
+    fmt "timm": a folder timm loads, with a model card (`README.md`); fmt "onnx": one .onnx file.
+    """
     from ssl_vit.backbone import Backbone
     from ssl_vit.config import load_recipe
     from ssl_vit.engine.checkpoint import list_checkpoints, load_model_weights
     from ssl_vit.errors import CheckpointError
-    from ssl_vit.export import export_backbone
+    from ssl_vit.export import backbone_state, export_backbone
+    from ssl_vit.model_card import write_model_card
 
     if not (run_dir / "recipe.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no recipe.yaml)")
@@ -108,12 +252,30 @@ def export(run_dir: Path, out: Path) -> Path:
     ckpts = list_checkpoints(run_dir / "checkpoints")
     if not ckpts:
         raise CheckpointError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    weights = weights or default_weights(recipe.objective["name"])
     backbone = Backbone.from_config(recipe.model)
-    prefix = "backbone.vit."
-    state = {k[len(prefix) :]: v for k, v in load_model_weights(ckpts[-1]).items() if k.startswith(prefix)}
-    backbone.vit.load_state_dict(state)
-    extra = {"objective": recipe.objective["name"], "run_dir": str(run_dir), "checkpoint": ckpts[-1].name}
-    return export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
+    backbone.vit.load_state_dict(backbone_state(load_model_weights(ckpts[-1]), weights))
+    if fmt == "onnx":
+        from ssl_vit.onnx_export import TOLERANCE, export_onnx
+
+        result = export_onnx(backbone, out, recipe.data.mean, recipe.data.std)
+        level = logging.WARNING if result.max_abs_diff > TOLERANCE else logging.INFO
+        log.log(
+            level,
+            "onnxruntime vs PyTorch, batch of %d: max abs diff %.1e",
+            result.check_batch,
+            result.max_abs_diff,
+        )
+        return result.path
+    extra = {
+        "objective": recipe.objective["name"],
+        "weights": weights,
+        "run_dir": str(run_dir),
+        "checkpoint": ckpts[-1].name,
+    }
+    folder = export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
+    write_model_card(folder, run_dir, weights, license_id)
+    return folder
 
 
 # ---------------------------------------------------------------- evaluators
@@ -255,9 +417,11 @@ def demo(data: str, steps_scale: float, out: Path, quiet: bool) -> list[dict[str
 # Each command is a parser builder plus a runner; `COMMANDS` lists them in the order of `--help`.
 def _add_pretrain(sub: Any) -> None:
     p = sub.add_parser(
-        "pretrain", help="pretrain a backbone from a recipe", description="Pretrain a backbone from a recipe."
+        "pretrain",
+        help="pretrain a backbone from a recipe",
+        description="Pretrain a backbone from a recipe, or continue a run with --resume.",
     )
-    p.add_argument("recipe", help="a YAML file or a name under recipes/, e.g. digits/supervised")
+    p.add_argument("recipe", nargs="?", help="a YAML file or a name under recipes/, e.g. digits/supervised")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -265,11 +429,27 @@ def _add_pretrain(sub: Any) -> None:
         help="recipe overrides, e.g. optim.lr=3e-4 train.max_steps=100",
     )
     p.add_argument("--out", type=Path, help="run directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument(
+        "--resume",
+        metavar="auto|RUN_DIR",
+        help="'auto': continue the latest valid checkpoint in --out, or start fresh there; "
+        "RUN_DIR: continue that run with its saved recipe (only train.epochs/max_steps may change)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or chatter")
 
 
 def _run_pretrain(args: argparse.Namespace) -> None:
-    pretrain(args.recipe, args.overrides, args.out, args.quiet)
+    from ssl_vit.engine.signals import TrainingInterrupted
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:
+        recipe, overrides = None, [recipe, *overrides]  # `--resume RUN_DIR key=value`: no RECIPE
+    try:
+        pretrain(recipe, overrides, args.out, args.quiet, args.resume)
+    except TrainingInterrupted as stop:
+        run_dir = Path(stop.checkpoint).parent.parent
+        print(f"interrupted: {stop}; continue with --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
 
 
 def _add_eval_args(p: Any) -> None:
@@ -452,15 +632,29 @@ def _run_compare(args: argparse.Namespace) -> None:
 def _add_export(sub: Any) -> None:
     p = sub.add_parser(
         "export",
-        help="export a run's backbone as a timm folder",
-        description="Export a backbone that plain timm loads.",
+        help="export a run's backbone: a timm folder with a model card, or ONNX",
+        description="Export a backbone that plain timm loads (a folder with a README.md model card), or ONNX.",
     )
     p.add_argument("run_dir", type=Path, help="a run directory")
-    p.add_argument("--out", type=Path, required=True, help="output folder (config.json + model.safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (timm) or file (onnx: model.onnx)")
+    p.add_argument(
+        "--format",
+        default="timm",
+        choices=["timm", "onnx"],
+        help="timm: config.json + model.safetensors + README.md; onnx: pooled features, dynamic batch",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["student", "teacher"],
+        help="online or EMA-teacher backbone (default: the one the objective's paper evaluates)",
+    )
+    p.add_argument(
+        "--license", default="apache-2.0", help="license id in the model card (default apache-2.0)"
+    )
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    print(f"exported -> {export(args.run_dir, args.out)}")
+    print(f"exported -> {export(args.run_dir, args.out, args.weights, args.format, args.license)}")
 
 
 def _add_demo(sub: Any) -> None:
@@ -491,6 +685,37 @@ def _run_demo(args: argparse.Namespace) -> None:
     print(f"demo finished in {time.perf_counter() - start:.0f}s")
 
 
+def _add_show(sub: Any) -> None:
+    p = sub.add_parser(
+        "show",
+        help="draw figures of runs (curves, attention, embedding, reconstructions)",
+        description="Write PNG figures of one or more runs or export folders, listed in DIR/index.md.",
+    )
+    p.add_argument("paths", type=Path, nargs="+", metavar="RUN_DIR", help="run directories or export folders")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/figures; required for several)")
+    p.add_argument("--curves", action="store_true", help="only the training curves, several runs overlaid")
+    p.add_argument(
+        "--embedding", default="tsne", choices=["tsne", "pca"], help="2-D map method (default tsne)"
+    )
+    p.add_argument("--images", type=int, default=4, help="images in attention and reconstruction figures")
+    p.add_argument("--seed", type=int, default=0, help="seed of masks and maps (same seed, same pictures)")
+
+
+def _run_show(args: argparse.Namespace) -> None:
+    from ssl_vit.figures import KINDS, show
+
+    start = time.perf_counter()
+    kinds = ("curves",) if args.curves else KINDS
+    report = show(args.paths, args.out, kinds, args.embedding, args.seed, args.images)
+    for path in report.written:
+        print(f"wrote {path}")
+    for figure, why in report.skipped:
+        print(f"skipped {figure}: {why}")
+    print(
+        f"{len(report.written)} figure(s) in {time.perf_counter() - start:.1f}s; index: {report.out_dir / 'index.md'}"
+    )
+
+
 COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = {
     "pretrain": (_add_pretrain, _run_pretrain),
     "probe": (_add_probe, _run_probe),
@@ -499,6 +724,7 @@ COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], 
     "compare": (_add_compare, _run_compare),
     "export": (_add_export, _run_export),
     "demo": (_add_demo, _run_demo),
+    "show": (_add_show, _run_show),
 }
 
 
@@ -519,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s"
     )
-    for noisy in ("accelerate", "timm", "torch"):
+    for noisy in ("accelerate", "timm", "torch", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ssl_vit.errors import SslVitError
 

@@ -6,6 +6,16 @@ and std) and `model.safetensors`, written by timm's own `save_for_hf`, so that
     timm.create_model("local-dir:DIR", pretrained=True)
 
 gives the same features without ssl-vit installed. No objective heads, decoder or teacher go in.
+
+Student or teacher: a run's checkpoint holds the whole objective. By convention its online backbone is
+the objective's `backbone` attribute (keys `backbone.vit.*`), and an objective with an EMA teacher
+(DINO, MoCo v3) names the teacher's `Backbone` `teacher_backbone` (keys `teacher_backbone.vit.*`).
+`backbone_state` picks one of the two by that prefix (a teacher stored elsewhere is still found when
+exactly one other backbone's path names a teacher, momentum or EMA module). Which one a run exports by default is the
+objective's class attribute `export_weights` ("student" when absent): "teacher" where the paper
+evaluates the teacher (DINO: Caron et al. 2021, sec. 3.1, "the teacher has better performance than
+the student"; its `eval_linear.py` defaults to `--checkpoint_key teacher`), "student" otherwise
+(MoCo v3's `main_lincls.py` evaluates the base encoder, not the momentum encoder).
 """
 
 from __future__ import annotations
@@ -17,12 +27,36 @@ from typing import Any
 
 import timm
 from timm.models import save_for_hf
+from torch import Tensor
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.errors import CheckpointError
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+BACKBONE_PREFIXES = {"student": "backbone.vit.", "teacher": "teacher_backbone.vit."}
+
+
+def backbone_state(state: dict[str, Tensor], weights: str = "student") -> dict[str, Tensor]:
+    """The timm state dict of the student or teacher backbone in an ssl-vit checkpoint's state."""
+    if weights not in BACKBONE_PREFIXES:
+        raise CheckpointError(f"weights must be one of {', '.join(BACKBONE_PREFIXES)}, not '{weights}'")
+    prefix = BACKBONE_PREFIXES[weights]
+    if weights == "teacher" and not any(k.startswith(prefix) for k in state):
+        prefix = _other_teacher_prefix(state) or prefix
+    picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not picked:
+        hint = "; this objective has no EMA teacher, export the student" if weights == "teacher" else ""
+        raise CheckpointError(f"the checkpoint holds no {weights} backbone (no keys '{prefix}*'){hint}")
+    return picked
+
+
+def _other_teacher_prefix(state: dict[str, Tensor]) -> str | None:
+    """`P.vit.` for the one backbone at a path P naming a teacher (`teacher.backbone`, `momentum_...`)."""
+    anchor = "vit.patch_embed.proj.weight"
+    roots = {k[: -len(anchor)] for k in state if k.endswith(anchor)} - {BACKBONE_PREFIXES["student"][:-4]}
+    named = [r for r in roots if any(word in r for word in ("teacher", "momentum", "ema"))]
+    return f"{named[0]}vit." if len(named) == 1 else None
 
 
 def export_backbone(

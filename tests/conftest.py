@@ -11,6 +11,9 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
+# One intra-op thread: on a small shared machine, two OpenMP threads make tiny ops ~30x slower, and
+# in-process runs then compute like the OMP_NUM_THREADS=1 subprocesses the tests start.
+torch.set_num_threads(1)
 TINY = [
     "model.embed_dim=32",
     "model.depth=2",

@@ -37,6 +37,11 @@ def test_pretrain_writes_the_run_directory(supervised_run: Path) -> None:
     assert "max_steps: 3" in resolved and "embed_dim: 32" in resolved
 
 
+def test_pretrain_export_has_a_model_card(supervised_run: Path) -> None:
+    card = (supervised_run / "backbone" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm\n") and "| images seen | 96 |" in card
+
+
 def test_probe_json_and_eval_file(supervised_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["probe", str(supervised_run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

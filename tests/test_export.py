@@ -6,10 +6,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.export import export_backbone, load_backbone
+from ssl_vit.errors import CheckpointError
+from ssl_vit.export import backbone_state, export_backbone, load_backbone
+from tests.conftest import tiny_model_config
 
 PLAIN_TIMM = """
 import sys, json, numpy as np, timm, torch
@@ -25,12 +29,12 @@ assert "ssl_vit" not in sys.modules
 """
 
 
-def test_export_loads_in_plain_timm_with_equal_features(tiny_backbone: Backbone, tmp_path: Path) -> None:
-    tiny_backbone.eval()
-    out = export_backbone(
-        tiny_backbone, tmp_path / "export", mean=[0.25], std=[0.5], extra={"objective": "test"}
-    )
-    assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+def test_export_loads_in_plain_timm_with_equal_features(tmp_path: Path) -> None:
+    """`ssl-vit export` output, model card included, loads in a process that never imports ssl_vit."""
+    from ssl_vit.cli import export
+
+    out = export(make_run(tmp_path / "run", evals=False), tmp_path / "export")
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
     x = torch.randn(3, 1, 16, 16)
     np.save(tmp_path / "x.npy", x.numpy())
     proc = subprocess.run(
@@ -41,9 +45,9 @@ def test_export_loads_in_plain_timm_with_equal_features(tiny_backbone: Backbone,
         cwd=tmp_path,  # not the repo root, so ssl_vit cannot be imported by accident
     )
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info == {"mean": [0.25], "std": [0.5], "input_size": [1, 16, 16], "heads": []}
+    assert info == {"mean": [0.5], "std": [0.5], "input_size": [1, 16, 16], "heads": []}
     with torch.no_grad():
-        expected = tiny_backbone.forward_features(x).numpy()
+        expected = run_backbone(tmp_path / "run").forward_features(x).numpy()
     assert np.abs(np.load(tmp_path / "y.npy") - expected).max() <= 1e-5
 
 
@@ -54,3 +58,149 @@ def test_load_backbone_round_trip(tiny_backbone: Backbone, tmp_path: Path) -> No
     tiny_backbone.eval(), loaded.eval()
     torch.testing.assert_close(loaded(x), tiny_backbone(x), rtol=0, atol=1e-6)
     assert cfg["tag"] == "ssl_vit"
+
+
+# ------------------------------------------------------------ run directories, cards, student/teacher
+def make_run(run_dir: Path, teacher: bool = False, evals: bool = True) -> Path:
+    """A run directory as `pretrain` leaves it, without training: recipe, one checkpoint, summary, evals.
+
+    With `teacher`, the checkpoint also holds `teacher_backbone.vit.*` (the EMA-teacher convention)
+    with weights other than the student's.
+    """
+    from ssl_vit import objectives
+    from ssl_vit.config import load_recipe, save_recipe
+    from ssl_vit.engine.checkpoint import write_checkpoint
+    from tests.conftest import TINY
+
+    recipe = load_recipe("digits/supervised", TINY)
+    torch.manual_seed(0)
+    objective = objectives.build(recipe.objective, Backbone.from_config(recipe.model), num_classes=10)
+    if teacher:
+        torch.manual_seed(1)
+        objective.teacher_backbone = Backbone.from_config(recipe.model)
+    run_dir.mkdir(parents=True)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    write_checkpoint(run_dir / "checkpoints", 7, objective.state_dict(), {}, {"epoch": 1})
+    summary = {"objective": "supervised", "steps": 7, "images_seen": 224, "pretrain_seconds": 3725.0}
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "final_loss": 1.25}))
+    if evals:
+        (run_dir / "eval").mkdir()
+        (run_dir / "eval" / "linear_probe.json").write_text(json.dumps({"top1": 0.8765, "n_test": 540}))
+        knn = {"k": {"10": {"top1": 0.6543}, "20": {"top1": 0.5432}}, "draws": [0.25, 0.5]}
+        (run_dir / "eval" / "knn.json").write_text(json.dumps(knn))
+    return run_dir
+
+
+def run_backbone(run_dir: Path, weights: str = "student") -> Backbone:
+    """The run's student or teacher, read from its checkpoint independently of `ssl-vit export`."""
+    state = load_file(str(next((run_dir / "checkpoints").iterdir()) / "model.safetensors"))
+    prefix = {"student": "backbone.vit.", "teacher": "teacher_backbone.vit."}[weights]
+    backbone = Backbone.from_config(tiny_model_config()).eval()
+    backbone.vit.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return backbone
+
+
+def _features(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    backbone, _ = load_backbone(folder)
+    with torch.no_grad():
+        return backbone.eval().forward_features(x)
+
+
+def test_cli_export_writes_a_model_card_listing_the_runs_results(tmp_path: Path) -> None:
+    import yaml
+
+    from ssl_vit.cli import main
+
+    run = make_run(tmp_path / "run")
+    assert main(["export", str(run), "--out", str(tmp_path / "exp"), "--license", "mit"]) == 0
+    card = (tmp_path / "exp" / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "timm" and meta["license"] == "mit"
+    assert {"timm", "ssl-vit", "supervised", "image-feature-extraction"} <= set(meta["tags"])
+    for text in ("### linear_probe", "| top1 | 0.8765 |", "| n_test | 540 |", "### knn"):
+        assert text in body, text
+    assert "| k.10.top1 | 0.6543 |" in body and "| k.20.top1 | 0.5432 |" in body and "[0.25, 0.5]" in body
+    assert "| images seen | 224 |" in body and "| pretraining time | 1 h 02 min |" in body
+    assert "`vit_tiny_patch16_224`" in body and "| embed dim | 32 |" in body and "label_smoothing=0.1" in body
+    assert "No `manifest.json`" in body  # digits has none; counts appear when shards bring one
+
+
+def test_card_lists_manifest_counts_and_says_when_there_are_no_results(tmp_path: Path) -> None:
+    import yaml
+
+    from ssl_vit.model_card import render_card
+
+    run = make_run(tmp_path / "run", evals=False)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = {"num_samples": 1234, "num_shards": 3, "splits": {"train": 1000, "val": 234}}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"]["train"] = str(shards / "train-{000000..000002}.tar")
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    export_backbone(Backbone.from_config(tiny_model_config()), tmp_path / "exp", [0.5], [0.5])
+    card = render_card(tmp_path / "exp", run)
+    for row in ("| num_samples | 1,234 |", "| num_shards | 3 |", "| splits.train | 1,000 |"):
+        assert row in card, row
+    assert "No evaluation results yet" in card
+
+
+@pytest.mark.parametrize("teacher_at", ["teacher_backbone.vit.", "teacher.backbone.vit."])
+def test_backbone_state_picks_student_or_teacher_by_prefix(teacher_at: str) -> None:
+    student = {
+        "backbone.vit.pos_embed": torch.zeros(1),
+        "backbone.vit.patch_embed.proj.weight": torch.zeros(1),
+    }
+    teacher = {k.replace("backbone.vit.", teacher_at): torch.ones(1) for k in student}
+    state = {**student, **teacher, "head.weight": torch.ones(1)}
+    assert all(v.item() == 0 for v in backbone_state(state, "student").values())
+    picked = backbone_state(state, "teacher")
+    assert set(picked) == {"pos_embed", "patch_embed.proj.weight"} and all(
+        v.item() == 1 for v in picked.values()
+    )
+    with pytest.raises(CheckpointError, match="no teacher backbone"):
+        backbone_state(student, "teacher")
+
+
+def test_export_weights_student_teacher_and_objective_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssl_vit.cli import export
+    from ssl_vit.objectives import _REGISTRY
+    from ssl_vit.objectives.supervised import Supervised
+
+    run = make_run(tmp_path / "run", teacher=True)
+    x = torch.randn(2, 1, 16, 16)
+    ref = {}
+    for weights in ("student", "teacher"):
+        with torch.no_grad():
+            ref[weights] = run_backbone(run, weights).forward_features(x)
+        folder = export(run, tmp_path / weights, weights=weights)
+        torch.testing.assert_close(_features(folder, x), ref[weights], rtol=0, atol=1e-6)
+        assert f"| exported weights | {weights} |" in (folder / "README.md").read_text()
+    assert not torch.allclose(ref["student"], ref["teacher"])
+    torch.testing.assert_close(
+        _features(export(run, tmp_path / "default"), x), ref["student"], rtol=0, atol=1e-6
+    )
+
+    class WithTeacher(Supervised):  # what DINO declares: its paper evaluates the EMA teacher
+        export_weights = "teacher"
+
+    monkeypatch.setitem(_REGISTRY, "supervised", WithTeacher)
+    folder = export(run, tmp_path / "dino_like")
+    torch.testing.assert_close(_features(folder, x), ref["teacher"], rtol=0, atol=1e-6)
+    assert json.loads((folder / "config.json").read_text())["ssl_vit"]["weights"] == "teacher"
+
+
+def test_pretrain_finds_the_teacher_by_attribute_or_in_ema_pairs(tiny_backbone: Backbone) -> None:
+    from types import SimpleNamespace
+
+    from ssl_vit.cli import _teacher_backbone
+
+    teacher = Backbone.from_config(tiny_model_config())
+    named = SimpleNamespace(backbone=tiny_backbone, teacher_backbone=teacher, ema_pairs=lambda: [])
+    paired = SimpleNamespace(backbone=tiny_backbone, ema_pairs=lambda: [(tiny_backbone, teacher)])
+    assert _teacher_backbone(named) is teacher and _teacher_backbone(paired) is teacher
+    with pytest.raises(CheckpointError, match="no teacher"):
+        _teacher_backbone(SimpleNamespace(backbone=tiny_backbone, ema_pairs=lambda: []))

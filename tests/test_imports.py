@@ -19,9 +19,13 @@ FORBIDDEN: dict[str, set[str]] = {
     "data": {"backbone", "export", "objectives", "engine", "eval", "cli"},
     "backbone": {"data", "objectives", "engine", "eval", "cli", "export"},
     "export": {"data", "objectives", "engine", "eval", "cli"},
+    "pretrained": {"data", "objectives", "engine", "eval", "cli", "export"},
+    "onnx_export": {"data", "objectives", "engine", "eval", "cli", "export"},
+    "model_card": {"data", "backbone", "objectives", "engine", "eval", "cli", "export"},
     "objectives": {"data", "engine", "eval", "cli", "export"},
     "engine": {"backbone", "data", "eval", "cli", "export", "objectives"},
     "eval": {"engine", "objectives", "cli"},
+    "figures": {"engine", "cli"},  # objectives: only to rebuild a run's objective for reconstructions
 }
 
 

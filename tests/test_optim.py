@@ -3,9 +3,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from ssl_vit.objectives import build
-from ssl_vit.optim import cosine_schedule, param_groups
+from ssl_vit.optim import backbone_depth, cosine_schedule, param_groups, scaled_lr, vit_layer_id
 from tests.conftest import tiny_model_config
 
 
@@ -47,3 +48,68 @@ def test_no_decay_on_biases_norms_and_tokens() -> None:
     ):
         assert name in decay
     assert groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 0.05
+
+
+class _WithTokens(torch.nn.Module):
+    """A ViT-like naming: a backbone with tokens and two blocks, plus an objective's head and mask token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        vit = torch.nn.Module()
+        vit.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 4))
+        vit.pos_embed = torch.nn.Parameter(torch.zeros(1, 5, 4))
+        vit.patch_embed = torch.nn.Conv2d(1, 4, 2)
+        vit.blocks = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        vit.norm = torch.nn.LayerNorm(4)
+        self.backbone = torch.nn.Module()
+        self.backbone.vit = vit
+        self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, 4))
+        self.head = torch.nn.Linear(4, 3)
+        self.frozen = torch.nn.Parameter(torch.zeros(2, 2), requires_grad=False)
+
+
+def _scale_and_decay(groups: list[dict[str, object]]) -> dict[str, tuple[float, bool]]:
+    return {n: (g["lr_scale"], g["apply_wd"]) for g in groups for n in g["param_names"]}  # type: ignore[attr-defined, misc]
+
+
+def test_tokens_are_not_decayed_by_name_whatever_their_shape() -> None:
+    table = _scale_and_decay(param_groups(_WithTokens(), 0.05))
+    for name in (
+        "mask_token",
+        "backbone.vit.cls_token",
+        "backbone.vit.pos_embed",
+        "backbone.vit.norm.weight",
+    ):
+        assert table[name][1] is False, name
+    assert table["backbone.vit.patch_embed.weight"][1] is True and table["head.weight"][1] is True
+    assert "frozen" not in table
+
+
+def test_layer_wise_lr_decay_matches_hand_worked_values() -> None:
+    # depth 2, decay 0.5: embeddings and tokens 0.5^3, block 0 0.5^2, block 1 0.5, norm and heads 1.
+    table = _scale_and_decay(param_groups(_WithTokens(), 0.05, layer_decay=0.5))
+    expected = {
+        "backbone.vit.cls_token": 0.125,
+        "backbone.vit.pos_embed": 0.125,
+        "backbone.vit.patch_embed.weight": 0.125,
+        "backbone.vit.blocks.0.weight": 0.25,
+        "backbone.vit.blocks.0.bias": 0.25,
+        "backbone.vit.blocks.1.weight": 0.5,
+        "backbone.vit.norm.weight": 1.0,
+        "head.weight": 1.0,
+        "mask_token": 1.0,
+    }
+    for name, scale in expected.items():
+        assert table[name][0] == pytest.approx(scale), name
+    assert backbone_depth(table) == 2
+    assert vit_layer_id("backbone.vit.blocks.1.attn.qkv.weight", 2) == 2
+
+
+def test_param_groups_feed_adamw_and_the_linear_lr_rule() -> None:
+    groups = param_groups(_WithTokens(), 0.05, layer_decay=0.5)
+    optimizer = torch.optim.AdamW(groups, lr=1.0)  # type: ignore[arg-type]
+    assert len(optimizer.param_groups) == len(groups) and all("lr_scale" in g for g in optimizer.param_groups)
+    assert scaled_lr(1.5e-4, 4096, "linear") == pytest.approx(
+        2.4e-3
+    )  # MAE pretraining: base lr 1.5e-4 at batch 4096
+    assert scaled_lr(1e-3, 4096, "none") == 1e-3

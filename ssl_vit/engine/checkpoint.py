@@ -1,76 +1,149 @@
-"""Checkpoints: model weights as safetensors, the rest as a weights-only torch file.
+"""Checkpoint folders on disk: atomic writes, discovery of the latest valid one, pruning.
 
-A checkpoint is written to a temporary folder and then renamed, so a crash mid-write leaves the
-previous checkpoint valid.
+A checkpoint is `checkpoints/step-XXXXXXXX/` holding `model.safetensors` (the objective's state
+dict: backbone, heads, EMA teacher), weights-only torch files for the rest (`optimizer.pt`,
+`rng.pt`, ...) and `meta.json`, written last, which lists every file with its size. The folder is
+written as `.tmp-step-XXXXXXXX/`, fsynced, then renamed: a crash or a full disk mid-write leaves
+only a temporary folder, which is ignored, and the previous checkpoint stays the latest valid one.
+
+This module only reads and writes files; what goes in them is `state.py`'s business.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from ssl_vit.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
 
 
-def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage; clone so tied or expanded tensors save alone.
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+def contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage; clone so tied or expanded tensors save alone."""
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
-def save_checkpoint(
-    ckpt_dir: Path, step: int, model: nn.Module, extra: dict[str, Any], meta: dict[str, Any]
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    blobs: dict[str, Any],
+    meta: dict[str, Any],
 ) -> Path:
-    """Write `ckpt_dir/step-XXXXXXXX/` atomically and return it."""
+    """Write `ckpt_dir/step-XXXXXXXX/` atomically and return it.
+
+    `blobs` maps a file name (`optimizer.pt`) to an object of tensors and plain values that
+    `torch.load(weights_only=True)` can read back.
+    """
     final = ckpt_dir / f"{PREFIX}{step:08d}"
-    tmp = ckpt_dir / f".tmp-{PREFIX}{step:08d}"
+    tmp = ckpt_dir / f"{TMP_PREFIX}{PREFIX}{step:08d}"
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_file(_contiguous_state(model), str(tmp / "model.safetensors"))
-        torch.save(extra, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-        if final.exists():
+        save_file(contiguous_state(model_state), str(tmp / MODEL_FILE))
+        for name, obj in blobs.items():
+            torch.save(obj, tmp / name)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        (tmp / META_FILE).write_text(json.dumps({"step": step, "files": files, **meta}, indent=2))
+        for p in tmp.iterdir():
+            _fsync(p)
+        _fsync(tmp)
+        if final.exists():  # only when a finished run is resumed and saved again at the same step
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync(ckpt_dir)
     except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint in {ckpt_dir}: {err.strerror or err}") from None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}") from None
     return final
 
 
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{ckpt}: unreadable {META_FILE} ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{ckpt}: {META_FILE} is not a JSON object")
+    return meta
+
+
+def is_complete(ckpt: Path) -> bool:
+    """Every file that `meta.json` lists is there with its recorded size."""
+    try:
+        meta = read_meta(ckpt)
+        return all((ckpt / name).stat().st_size == size for name, size in meta["files"].items())
+    except (CheckpointError, OSError, KeyError, AttributeError):
+        return False
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name[len(PREFIX) :])
+    except ValueError:
+        return -1
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders are not complete)."""
+    """Complete checkpoints, oldest first; temporary and damaged folders are left out."""
     if not ckpt_dir.is_dir():
         return []
-    done = [
-        p
-        for p in ckpt_dir.glob(f"{PREFIX}*")
-        if (p / "meta.json").is_file() and (p / "model.safetensors").is_file()
-    ]
-    return sorted(done, key=lambda p: p.name)
+    found = [p for p in ckpt_dir.glob(f"{PREFIX}*") if p.is_dir() and _step_of(p) >= 0]
+    valid = []
+    for path in sorted(found, key=_step_of):
+        if is_complete(path):
+            valid.append(path)
+        else:
+            log.warning("ignoring incomplete checkpoint %s", path)
+    return valid
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(ckpt_dir)
+    return ckpts[-1] if ckpts else None
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
-    for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+    """Keep the newest `keep_last` complete checkpoints (at least one) and no temporary folders."""
+    for old in list_checkpoints(ckpt_dir)[: -max(keep_last, 1)]:
         shutil.rmtree(old, ignore_errors=True)
+    for tmp in ckpt_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    path = ckpt / "model.safetensors"
+    path = ckpt / MODEL_FILE
     if not path.is_file():
-        raise CheckpointError(f"{ckpt} holds no model.safetensors")
+        raise CheckpointError(f"{ckpt} holds no {MODEL_FILE}")
     return load_file(str(path))
 
 
-def load_extra(ckpt: Path) -> dict[str, Any]:
-    """Optimiser, scheduler and RNG state; `weights_only=True` so nothing is unpickled blindly."""
-    return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+def load_blob(ckpt: Path, name: str) -> Any:
+    """A torch file of the checkpoint; `weights_only=True` so nothing is unpickled blindly."""
+    path = ckpt / name
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} holds no {name}")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,7 +1,10 @@
 """EMA (momentum) teachers: `teacher = m * teacher + (1 - m) * online`, after each optimiser step.
 
-Objectives declare their (online, teacher) pairs through `ema_pairs()`; the engine calls
-`ema_update` where a reader of the loop can see it, never inside `forward`.
+Objectives declare their (online, teacher) pairs through `ema_pairs()` and the momentum through
+`ema_momentum(step, total)` (e.g. `optim.cosine_schedule(step, total, 0.996, 1.0)`, as BYOL, MoCo v3
+and DINO schedule it); the engine calls `ema_update` where a reader of the loop can see it, never
+inside `forward`. Teachers must be submodules of the objective, so that they are in its state dict
+and therefore in every checkpoint.
 """
 
 from __future__ import annotations
@@ -9,9 +12,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ssl_vit.errors import TrainingError
+
+Pairs = list[tuple[nn.Module, nn.Module]]
+
+
+def check_pairs(objective: nn.Module, pairs: Pairs) -> None:
+    """Teachers must be registered submodules (checkpointed) with the online module's parameters."""
+    registered = {id(m) for m in objective.modules()}
+    for online, teacher in pairs:
+        if id(teacher) not in registered:
+            raise TrainingError(
+                f"{type(objective).__name__}.ema_pairs(): teacher {type(teacher).__name__} is not a "
+                "submodule of the objective, so it would not be checkpointed"
+            )
+        missing = {n for n, _ in teacher.named_parameters()} - {n for n, _ in online.named_parameters()}
+        if missing:
+            raise TrainingError(
+                f"{type(objective).__name__}.ema_pairs(): teacher has parameters the online module "
+                f"lacks: {sorted(missing)[:3]}"
+            )
+
 
 @torch.no_grad()
-def ema_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+def ema_update(pairs: Pairs, momentum: float) -> None:
     """Update every teacher parameter in place; buffers (e.g. norms' running stats) are copied."""
     for online, teacher in pairs:
         online_params = dict(online.named_parameters())

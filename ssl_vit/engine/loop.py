@@ -1,59 +1,57 @@
-"""The training loop on accelerate: devices, precision, accumulation, logging, checkpoints.
+"""The training loop on accelerate: devices, processes, precision, schedules, safety, logs, resume.
 
 It knows objectives only through the `Objective` protocol: `forward(batch) -> (loss, logs)` plus the
-named hooks. One loop for every objective; no `if objective == ...` here.
+named hooks. One loop for every objective; no `if objective == ...` here. The pieces it strings
+together live next to it: `step.py` (accumulation and the guarded update), `stream.py` (data
+position), `state.py` (what a checkpoint holds), `ema.py`, `metrics.py`, `signals.py`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
+from accelerate.utils import gather_object, set_seed
 
 from ssl_vit.config import CkptConfig, LogConfig, OptimConfig, TrainConfig
-from ssl_vit.engine.checkpoint import prune_checkpoints, save_checkpoint
-from ssl_vit.engine.ema import ema_update
-from ssl_vit.errors import RecipeError, TrainingError
+from ssl_vit.engine.ema import check_pairs, ema_update
+from ssl_vit.engine.metrics import MetricsWriter, metrics_record, progress_bar, write_json
+from ssl_vit.engine.setup import (
+    check_config,
+    ensure_writable,
+    make_accelerator,
+    make_plan,
+    processes,
+    use_cpu,
+)
+from ssl_vit.engine.signals import StopRequest, TrainingInterrupted
+from ssl_vit.engine.state import TrainState, load_training_state, save_training_state, weights_digest
+from ssl_vit.engine.step import StepResult, train_step
+from ssl_vit.engine.stream import BatchStream
+from ssl_vit.errors import TrainingError
 from ssl_vit.objectives.base import Objective
 from ssl_vit.optim import cosine_schedule, param_groups
 from ssl_vit.types import Batch
 
 log = logging.getLogger(__name__)
 
+TRAIN_STATE_FILE = "train_state.json"
+__all__ = ["FitResult", "TrainingInterrupted", "ensure_writable", "fit", "processes", "use_cpu"]
+
 
 @dataclass
 class FitResult:
     steps: int
     images_seen: int
-    seconds: float
+    seconds: float  # training-loop wall time over every (re)start of the run
     final_loss: float
     checkpoint: Path | None
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to `metrics.jsonl`; a no-op on non-main processes."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _scalar(value: Any) -> float:
-    return float(value.detach().float().mean().item()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def fit(
@@ -67,124 +65,145 @@ def fit(
     run_dir: Path,
     seed: int,
     progress: bool = True,
+    *,
+    resume: Path | None = None,
+    data_stats: Callable[[], dict[str, float]] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> FitResult:
-    """Train `objective` and write `metrics.jsonl` and `checkpoints/` into `run_dir`.
+    """Train `objective`; write `metrics.jsonl`, `train_state.json` and `checkpoints/` into `run_dir`.
 
-    `optimizer`: one built by the caller (fine-tuning's layer-decay groups from timm's factory);
-    by default AdamW over `param_groups`. A group's `lr_scale` multiplies the scheduled lr.
+    `steps_per_epoch` is the loader's batches per epoch on this process (a map-style DataLoader is
+    re-sharded by accelerate, and its sharded length wins). `resume` is a checkpoint folder to
+    continue from exactly. `data_stats`, when given, returns counters (e.g. skipped corrupt
+    samples) logged with each metrics record. `optimizer`, when given, replaces AdamW over
+    `param_groups` (fine-tuning passes timm's layer-decay groups); a group's `lr_scale` multiplies
+    the scheduled lr either way. Raises `TrainingError` after `train.max_bad_steps`
+    non-finite steps in a row and `TrainingInterrupted` after SIGTERM/SIGINT (checkpoint written).
     """
-    if train.mixed_precision not in ("no", "bf16", "fp16"):
-        raise RecipeError(f"train.mixed_precision must be no, bf16 or fp16, not '{train.mixed_precision}'")
-    accelerator = Accelerator(
-        cpu=train.cpu, mixed_precision=train.mixed_precision, gradient_accumulation_steps=optim.accum_steps
-    )
-    set_seed(seed)
-    updates_per_epoch = max(steps_per_epoch // optim.accum_steps, 1)
-    total_steps = train.max_steps if train.max_steps is not None else train.epochs * updates_per_epoch
-    if total_steps <= 0:
-        raise RecipeError("train.max_steps (or train.epochs) must give at least one step")
-    global_batch = train.batch_size * accelerator.num_processes * optim.accum_steps
-    base_lr = optim.lr * global_batch / 256 if optim.lr_scaling == "linear" else optim.lr
-    warmup = (
-        optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_epochs * updates_per_epoch)
-    )
-
-    if optimizer is None:
-        groups = param_groups(objective, optim.weight_decay, objective.no_weight_decay())
-        optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(optim.betas[0], optim.betas[1]))  # type: ignore[arg-type]
-    model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
+    check_config(optim, train, ckpt, logcfg)
+    accelerator = make_accelerator(train, optim, logcfg, run_dir, seed)
+    if accelerator.is_main_process:
+        ensure_writable(run_dir)
+    set_seed(seed, device_specific=True)  # each process its own augmentation/masking draws
+    stream = BatchStream(accelerator, loader, steps_per_epoch, seed)
+    plan = make_plan(accelerator, stream, optim, train)
+    if optimizer is None:  # a caller's own keeps its groups (fine-tuning: timm's layer-decay factory)
+        groups = param_groups(objective, optim.weight_decay, objective.no_weight_decay(), optim.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=(optim.betas[0], optim.betas[1]))  # type: ignore[arg-type]
+    model, optimizer = accelerator.prepare(objective, optimizer)
     inner: Objective = accelerator.unwrap_model(model)
+    pairs = inner.ema_pairs()
+    check_pairs(inner, pairs)
 
+    state = TrainState(num_processes=accelerator.num_processes)
+    history: list[dict[str, Any]] = []
+    if resume is not None:
+        state, meta = load_training_state(accelerator, model, optimizer, resume)
+        history = list(meta.get("history", []))
+        stream.seek(state.epoch, state.batch_in_epoch)
+        log.info("resumed from %s (step %d, epoch %d)", resume, state.step, state.epoch)
+    history.append({"start_step": state.step, "num_processes": plan.num_processes, "time": time.time()})
     metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process)
-    bar = tqdm(total=total_steps, disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
-    step, epoch, images_seen, bad_in_a_row, last_loss = 0, 0, 0, 0, math.nan
-    start = tick = time.perf_counter()
-    images_since_log, lr, grad_norm = 0, base_lr, math.nan
+    metrics.truncate_after(state.step)
+    if accelerator.is_main_process:
+        write_json(run_dir / TRAIN_STATE_FILE, {**asdict(plan), "history": history})
+    if logcfg.tensorboard:
+        accelerator.init_trackers("tensorboard")
+
+    def save() -> Path:
+        meta = {"plan": asdict(plan), "history": history}
+        return save_training_state(
+            accelerator, model, optimizer, state, run_dir / "checkpoints", ckpt.keep_last, meta
+        )
+
+    wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
+    result: StepResult | None = None
+    last_saved: Path | None = resume
+    tick, images_since_log, start_step = time.perf_counter(), 0, state.step
+    start = tick
+    bar = progress_bar(plan.total_steps, state.step, progress and accelerator.is_main_process)
     model.train()
-    while step < total_steps:
-        for batch in loader:
-            with accelerator.accumulate(model):
-                inner.set_progress(step, total_steps, updates_per_epoch)
-                loss, logs = model(batch)
-                if not torch.isfinite(loss.detach()).item():
-                    bad_in_a_row += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    log.warning("non-finite loss at step %d (%d in a row); step skipped", step, bad_in_a_row)
-                    if bad_in_a_row >= train.max_bad_steps:
-                        raise TrainingError(
-                            f"loss was non-finite for {bad_in_a_row} steps in a row at step {step}; "
-                            "lower optim.lr or enable optim.clip_grad"
-                        )
-                    continue
-                bad_in_a_row = 0
-                accelerator.backward(loss)
-                grad_norm = math.nan
-                if accelerator.sync_gradients:
-                    inner.after_backward()
-                    if optim.clip_grad is not None:
-                        grad_norm = _scalar(accelerator.clip_grad_norm_(model.parameters(), optim.clip_grad))
-                    lr = cosine_schedule(step, total_steps, base_lr, optim.min_lr, warmup)
-                    wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
-                    wd = cosine_schedule(step, total_steps, optim.weight_decay, wd_end)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)
-                        if group.get("apply_wd"):
-                            group["weight_decay"] = wd
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            images_seen += len(batch) * accelerator.num_processes
-            images_since_log += len(batch) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            pairs = inner.ema_pairs()
-            if pairs:
-                ema_update(pairs, inner.ema_momentum(step, total_steps))
-            inner.after_optimizer_step()
-            step += 1
-            last_loss = _scalar(loss)
+    with StopRequest() as stop_request:
+        while state.step < plan.total_steps:
+            step = state.step
+            lr = cosine_schedule(step, plan.total_steps, plan.lr, plan.min_lr, plan.warmup_steps)
+            wd = cosine_schedule(step, plan.total_steps, optim.weight_decay, wd_end)
+            result = train_step(
+                accelerator,
+                model,
+                inner,
+                optimizer,
+                stream,
+                optim.accum_steps,
+                (step, plan.total_steps, plan.updates_per_epoch),
+                (lr, wd),
+                optim.clip_grad,
+                stop_request.signum is not None,
+            )
+            momentum = math.nan
+            if result.applied:
+                if pairs:
+                    momentum = inner.ema_momentum(step, plan.total_steps)
+                    ema_update(pairs, momentum)
+                inner.after_optimizer_step()
+            state.step += 1
+            state.epoch, state.batch_in_epoch = stream.epoch, stream.batch_in_epoch
+            state.images_seen += result.images * accelerator.num_processes
+            images_since_log += result.images * accelerator.num_processes
+            state.bad_in_a_row = state.bad_in_a_row + 1 if result.non_finite else 0
+            state.skipped_steps += int(result.non_finite)
+            if result.non_finite and accelerator.is_main_process:
+                log.warning(
+                    "step %d: non-finite loss or gradient (loss %.4g, grad norm %.4g); update skipped "
+                    "(%d in a row)",
+                    state.step,
+                    float(result.loss),
+                    result.grad_norm,
+                    state.bad_in_a_row,
+                )
             bar.update(1)
-            if step % logcfg.every_steps == 0 or step == total_steps:
+            if state.step % logcfg.every_steps == 0 or state.step == plan.total_steps:
                 now = time.perf_counter()
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": last_loss,
-                    "lr": lr,
-                    "images_per_sec": images_since_log / max(now - tick, 1e-9),
-                    "images_seen": images_seen,
-                }
-                if not math.isnan(grad_norm):
-                    record["grad_norm"] = grad_norm
-                record.update({k: _scalar(v) for k, v in logs.items()})
+                rate = images_since_log / max(now - tick, 1e-9)
+                record = metrics_record(accelerator, result, state, (lr, wd, momentum), rate)
+                if data_stats is not None:
+                    record.update({f"data_{k}": v for k, v in data_stats().items()})
                 metrics.write(record)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                if logcfg.tensorboard:
+                    accelerator.log(record, step=state.step)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_sec']:.0f}"
+                )
                 tick, images_since_log = now, 0
-            if ckpt.every_steps and step % ckpt.every_steps == 0 and step < total_steps:
-                _save(accelerator, inner, optimizer, step, epoch, run_dir, ckpt)
-            if step >= total_steps:
-                break
-        epoch += 1
+            if state.bad_in_a_row >= train.max_bad_steps:
+                bar.close()
+                good = f"; last good checkpoint {last_saved}" if last_saved else ""
+                raise TrainingError(
+                    f"loss or gradient non-finite for {state.bad_in_a_row} steps in a row at step "
+                    f"{state.step}{good}; lower optim.lr or set optim.clip_grad"
+                )
+            state.train_seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            if result.stop:
+                bar.close()
+                path = save()
+                raise TrainingInterrupted(stop_request.signum or 15, state.step, str(path))
+            periodic = ckpt.every_steps and state.step % ckpt.every_steps == 0
+            if periodic and state.step < plan.total_steps and state.bad_in_a_row == 0:
+                last_saved = save()
     bar.close()
-    seconds = time.perf_counter() - start
-    path = _save(accelerator, inner, optimizer, step, epoch, run_dir, ckpt)
+    state.train_seconds += time.perf_counter() - start
+    if state.step > start_step or last_saved is None:  # not when resuming a finished run
+        last_saved = save()
+    if accelerator.num_processes > 1:  # DDP keeps every process's weights equal; check it
+        digests = gather_object([weights_digest(inner)])
+        if accelerator.is_main_process:
+            if len(set(digests)) > 1:
+                log.error("processes ended with different weights: %s", digests)
+            train_state = {**asdict(plan), "history": history, "weights_sha256": digests}
+            write_json(run_dir / TRAIN_STATE_FILE, train_state)
+    if logcfg.tensorboard:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
-    return FitResult(step, images_seen, seconds, last_loss, path)
-
-
-def _save(
-    accelerator: Accelerator,
-    inner: Objective,
-    optimizer: Any,
-    step: int,
-    epoch: int,
-    run_dir: Path,
-    ckpt: CkptConfig,
-) -> Path | None:
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return None
-    ckpt_dir = run_dir / "checkpoints"
-    path = save_checkpoint(ckpt_dir, step, inner, {"optimizer": optimizer.state_dict()}, {"epoch": epoch})
-    prune_checkpoints(ckpt_dir, ckpt.keep_last)
-    return path
+    final_loss = float(result.loss) if result is not None else math.nan
+    return FitResult(state.step, state.images_seen, state.train_seconds, final_loss, last_saved)

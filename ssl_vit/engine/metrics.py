@@ -1,0 +1,116 @@
+"""What the run tells its user: `metrics.jsonl`, `train_state.json`, TensorBoard and a progress bar.
+
+Only the main process writes or draws; the other processes hold disabled instances.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from ssl_vit.engine.state import TrainState
+from ssl_vit.engine.step import StepResult
+from ssl_vit.errors import CheckpointError
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Replace `path` atomically (write a sibling, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to `metrics.jsonl`; a no-op on non-main processes."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise CheckpointError(f"cannot write {self.path}: {err.strerror or err}") from None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop the records a killed run wrote after its last checkpoint."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except ValueError:  # a line cut short by the kill
+                continue
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory: allocated tensors on CUDA, the process's resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:  # type: ignore[type-arg]
+    """tqdm's bar (its own ETA) on the main process, when asked for and stderr is a terminal."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not (enabled and sys.stderr.isatty()),
+        dynamic_ncols=True,
+        unit="step",
+    )
+
+
+def metrics_record(
+    accelerator: Accelerator,
+    result: StepResult,
+    state: TrainState,
+    schedules: tuple[float, float, float],
+    images_per_sec: float,
+) -> dict[str, Any]:
+    """One metrics record; loss and logs are averaged over processes (every process calls this).
+
+    `schedules` is (lr, weight decay, EMA momentum or NaN without a teacher).
+    """
+    lr, wd, momentum = schedules
+    names = sorted(result.logs)
+    values = torch.stack([result.loss.float(), *(result.logs[k].float() for k in names)])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    loss, *logs = values.tolist()
+    record: dict[str, Any] = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": loss,
+        "lr": lr,
+        "weight_decay": wd,
+        "grad_norm": result.grad_norm,
+        "images_per_sec": images_per_sec,
+        "images_seen": state.images_seen,
+        "skipped_steps": state.skipped_steps,
+        "peak_mem_mb": peak_memory_mb(accelerator.device),
+    }
+    if not math.isnan(momentum):
+        record["ema_momentum"] = momentum
+    record.update(dict(zip(names, logs, strict=True)))
+    return record
