@@ -115,9 +115,10 @@ def default_device() -> torch.device:
 
 
 def default_cache_dir() -> Path:
-    """`$SSL_VIT_CACHE_DIR`, else `$XDG_CACHE_HOME/ssl_vit/features` (`~/.cache/...`)."""
-    if os.environ.get("SSL_VIT_CACHE_DIR"):
-        return Path(os.environ["SSL_VIT_CACHE_DIR"])
+    """`features/` under the data cache root: `$SSL_VIT_CACHE`, else `$XDG_CACHE_HOME/ssl_vit` or
+    `~/.cache/ssl_vit` (the root the built-in sets' shards use)."""
+    if os.environ.get("SSL_VIT_CACHE"):
+        return Path(os.environ["SSL_VIT_CACHE"]).expanduser() / "features"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssl_vit" / "features"
 
 

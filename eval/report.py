@@ -58,6 +58,8 @@ def _pct(row: dict[str, Any], key: str) -> str:
 def _seconds(value: float | None) -> str:
     if value is None:
         return "—"
+    if value < 10:
+        return f"{value:.1f} s" if value else "0 s"
     return f"{value:.0f} s" if value < 120 else f"{value / 60:.1f} min"
 
 
@@ -84,7 +86,11 @@ def table_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[st
             str(r.get("n_runs", 1)),
             _seconds(r["pretrain_seconds"]),
             _count(r["images_seen"]),
-            "—" if r["pretrain_flops"] is None else f"{r['pretrain_flops']:.2e}",
+            "—"
+            if r["pretrain_flops"] is None
+            else f"{r['pretrain_flops']:.2e}"
+            if r["pretrain_flops"]
+            else "0",
             *[_pct(r, k) for k in metrics],
         ]
         for r in rows

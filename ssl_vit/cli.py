@@ -463,7 +463,9 @@ def _add_eval_args(p: Any) -> None:
         help="pooled token (cls), mean of patch tokens (avg), CLS of the last 4 blocks (cls4)",
     )
     p.add_argument(
-        "--cache-dir", type=Path, help="feature cache (default $SSL_VIT_CACHE_DIR or ~/.cache/ssl_vit)"
+        "--cache-dir",
+        type=Path,
+        help="feature cache (default $SSL_VIT_CACHE/features or ~/.cache/ssl_vit/features)",
     )
     p.add_argument("--no-cache", action="store_true", help="extract features again, keep none on disk")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -602,6 +604,7 @@ def _add_compare(sub: Any) -> None:
         "--shots", type=int, default=10, help="K of the low-shot probe; 0 turns it off (default 10)"
     )
     p.add_argument("--finetune-steps", type=int, default=300, help="fine-tune steps per run (default 300)")
+    p.add_argument("--figures", action="store_true", help="also overlay training curves and embedding maps")
     _add_eval_args(p)
 
 
@@ -622,11 +625,18 @@ def _run_compare(args: argparse.Namespace) -> None:
     )
     cache = _cache_dir(args.no_cache, args.cache_dir)
     rows = compare_runs(args.inputs, args.out, protocol, FinetuneConfig(steps=args.finetune_steps), cache)
+    figures = []
+    if args.figures:
+        from ssl_vit.figures import write_compare_figures
+
+        figures = write_compare_figures(args.inputs, args.out / "figures")
     if args.json:
         print(json.dumps(rows))
         return
     print(format_table(rows))
     print(f"report: {args.out / 'report.md'}; charts: {args.out / 'compare.png'}, {args.out / 'compute.png'}")
+    if figures:
+        print(f"figures: {', '.join(str(f) for f in figures)}")
 
 
 def _add_export(sub: Any) -> None:
