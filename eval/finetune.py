@@ -13,6 +13,7 @@ no other, import the engine).
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch import Tensor
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import CkptConfig, DataConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.data import class_names, train_loader
+from ssl_vit.engine.checkpoint import latest_checkpoint
 from ssl_vit.engine.loop import fit
 from ssl_vit.errors import RecipeError
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
@@ -51,6 +53,7 @@ class FinetuneConfig:
     cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 turns it off
     clip_grad: float | None = None
     mixed_precision: str = "no"
+    ckpt_every_steps: int | None = None  # periodic checkpoints (always one at the end)
     seed: int = 0
 
 
@@ -113,11 +116,14 @@ def finetune(
     cfg: FinetuneConfig,
     data: DataConfig | None = None,
     progress: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a copy of `model.backbone` on its data's train split; top-1 on the test split.
 
     `data` sets the augmentation (crop scale, flips); mean and std always come from the model.
-    Checkpoints and `metrics.jsonl` go into `out_dir`.
+    Checkpoints and `metrics.jsonl` go into `out_dir`. With `resume`, the latest checkpoint there
+    is continued exactly (the engine restores weights, optimiser, RNG and data position); without
+    it, a previous fine-tune's files in `out_dir` are cleared first.
     """
     if cfg.steps < 1:
         raise RecipeError(f"fine-tune steps must be at least 1, got {cfg.steps}")
@@ -140,6 +146,9 @@ def finetune(
         layer_decay=cfg.layer_decay,
     )
     train = TrainConfig(batch_size=cfg.batch_size, max_steps=cfg.steps, mixed_precision=cfg.mixed_precision)
+    ckpt = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    if not resume:
+        _clear(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = fit(
         objective,
@@ -147,11 +156,12 @@ def finetune(
         len(loader),
         optim,
         train,
-        CkptConfig(keep_last=1),
+        CkptConfig(every_steps=cfg.ckpt_every_steps, keep_last=1),
         LogConfig(every_steps=max(cfg.steps // 20, 1)),
         out_dir,
         cfg.seed,
         progress=progress,
+        resume=ckpt,
         optimizer=build_optimizer(objective, cfg),
     )
     top1 = evaluate(objective, model)
@@ -162,9 +172,20 @@ def finetune(
         "seconds": result.seconds,
         "final_loss": result.final_loss if np.isfinite(result.final_loss) else None,
         "seed": cfg.seed,
+        "resumed_from": ckpt.name if ckpt else None,
         "layer_decay": cfg.layer_decay,
         "drop_path": cfg.drop_path,
         "mixup": cfg.mixup,
         "cutmix": cfg.cutmix,
         "out_dir": str(out_dir),
     }
+
+
+def _clear(out_dir: Path) -> None:
+    """A fresh fine-tune in a used folder: drop the engine files a previous one left."""
+    for name in ("checkpoints", "metrics.jsonl", "train_state.json"):
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

@@ -329,13 +329,13 @@ def knn(
     return result
 
 
-def finetune_model(model: Any, cfg: Any, out: Path, progress: bool) -> dict[str, Any]:
+def finetune_model(model: Any, cfg: Any, out: Path, progress: bool, resume: bool = False) -> dict[str, Any]:
     """Fine-tune with the run's own augmentation settings where the model came from a run."""
     from ssl_vit.config import load_recipe
     from ssl_vit.eval.finetune import finetune
 
     data = load_recipe(model.run_dir / "recipe.yaml").data if model.run_dir else None
-    return finetune(model, out, cfg, data, progress)
+    return finetune(model, out, cfg, data, progress, resume)
 
 
 def _finetune_fn(cfg: Any) -> Callable[[Any, int, Path], float]:
@@ -557,6 +557,10 @@ def _add_finetune(sub: Any) -> None:
             default=getattr(d, name),
             help=f"default {getattr(d, name)}",
         )
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (always one at the end)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the latest checkpoint in the output folder"
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar or chatter")
 
@@ -567,6 +571,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
 
     fields = ("steps", "batch_size", "lr", "layer_decay", "drop_path", "label_smoothing", "mixup", "cutmix")
     cfg = FinetuneConfig(**{f: getattr(args, f) for f in (*fields, "weight_decay", "seed")})
+    cfg.ckpt_every_steps = args.ckpt_every
     model = load_eval_model(args.path, args.data)
     if args.out:
         out = args.out
@@ -574,7 +579,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
         out = model.run_dir / "eval" / "finetune"
     else:
         out = Path("runs") / f"finetune-{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = finetune_model(model, cfg, out, progress=not (args.quiet or args.json))
+    result = finetune_model(model, cfg, out, progress=not (args.quiet or args.json), resume=args.resume)
     result.update(data=model.data, model=str(args.path))
     save_result(model, "finetune", result)
     if args.json:

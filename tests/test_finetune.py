@@ -95,3 +95,14 @@ def test_finetune_runs_on_the_engine_and_reports_test_top1(tmp_path: Path) -> No
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     for key, value in backbone.state_dict().items():  # the evaluated model itself is left untouched
         assert torch.equal(value, before[key]), key
+
+
+def test_finetune_resumes_from_its_checkpoint_and_restarts_clean(tmp_path: Path) -> None:
+    model = EvalModel(Backbone.from_config(tiny_model_config()), 16, 1, [0.5], [0.5], "digits")
+    cfg = FinetuneConfig(steps=2, batch_size=16, warmup_steps=0)
+    first = finetune(model, tmp_path, cfg)
+    again = finetune(model, tmp_path, cfg, resume=True)  # finished: nothing left to train
+    assert again["resumed_from"] == "step-00000002" and again["top1"] == first["top1"]
+    fresh = finetune(model, tmp_path, cfg)  # no resume: a clean start, not appended logs
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert fresh["resumed_from"] is None and [json.loads(line)["step"] for line in lines] == [1, 2]
