@@ -21,7 +21,7 @@ from typing import Any
 import timm
 import torch
 from einops import rearrange
-from timm.layers import resample_abs_pos_embed
+from timm.layers import DropPath, resample_abs_pos_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -211,6 +211,58 @@ class Backbone(nn.Module):
     def patch_tokens(self, features: Tensor) -> Tensor:
         """Drop the prefix tokens: (B, P + N, D) -> (B, N, D)."""
         return features[:, self.num_prefix_tokens :]
+
+    def last_blocks_cls(self, imgs: Tensor, n: int = 4) -> Tensor:
+        """CLS tokens of the last `n` blocks, each through the final norm, concatenated: (B, n*D).
+
+        DINO's linear evaluation (Caron et al. 2021, `n_last_blocks=4` for ViT-S). A backbone with
+        fewer than `n` blocks gives all of its blocks.
+        """
+        if self.num_prefix_tokens == 0:
+            raise RecipeError("feature 'cls4' needs a class token; this backbone has none (use 'avg')")
+        n = min(n, len(self.vit.blocks))
+        per_block: list[tuple[Tensor, Tensor]] = self.vit.forward_intermediates(  # type: ignore[assignment]
+            imgs, indices=n, return_prefix_tokens=True, norm=True, output_fmt="NLC", intermediates_only=True
+        )  # n x ((B, N, D), (B, P, D))
+        return torch.cat([prefix[:, 0] for _, prefix in per_block], dim=-1)  # (B, n*D)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth (Huang et al. 2016) rising linearly from 0 to `rate` over the blocks, as timm
+        builds it; fine-tuning turns it on for a backbone that was pretrained or exported without it."""
+        depth = len(self.vit.blocks)
+        for i, block in enumerate(self.vit.blocks):
+            block_rate = rate * i / max(depth - 1, 1)
+            for attr in ("drop_path1", "drop_path2"):
+                if hasattr(block, attr):
+                    setattr(block, attr, DropPath(block_rate) if block_rate > 0 else nn.Identity())
+
+    def group_matcher(self, prefix: str = "") -> dict[str, Any]:
+        """timm's layer grouping (stem, blocks, final norm) for parameter names under `prefix`.
+
+        timm's layer-decay optimiser factory reads this from the model it is given; an objective that
+        holds the backbone as `self.backbone` passes `prefix="backbone."`.
+        """
+        lead = "^" + (prefix + "vit.").replace(".", r"\.")
+
+        def under(pattern: str) -> str:
+            return f"{lead}(?:{pattern.lstrip('^')})"
+
+        matcher = self.vit.group_matcher(coarse=False)
+        return {
+            name: [(under(p), suffix) for p, suffix in spec] if isinstance(spec, list) else under(spec)
+            for name, spec in matcher.items()
+        }
+
+    def reset_parameters(self, seed: int) -> None:
+        """Fresh weights with timm's own initialisation (the random-init baseline); the global RNG is
+        left untouched. Fixed sin-cos position embeddings stay fixed."""
+        pos = self.vit.pos_embed
+        fixed_sincos = pos is not None and not pos.requires_grad
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.vit.init_weights()
+        if fixed_sincos:
+            self._set_fixed_sincos()
 
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) that should get no weight decay."""

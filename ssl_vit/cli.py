@@ -278,63 +278,139 @@ def export(
     return folder
 
 
-# ---------------------------------------------------------------- probe
-def probe(path: Path, data: str | None, feature: str) -> dict[str, Any]:
+# ---------------------------------------------------------------- evaluators
+def _cache_dir(no_cache: bool, cache_dir: Path | None) -> Path | None:
+    from ssl_vit.eval.features import default_cache_dir
+
+    return None if no_cache else cache_dir or default_cache_dir()
+
+
+def _features(path: Path, data: str | None, feature: str, cache_dir: Path | None) -> Any:
     from ssl_vit.eval.features import load_eval_model, split_features
-    from ssl_vit.eval.linear_probe import linear_probe
 
     model = load_eval_model(path, data)
-    train_x, train_y = split_features(model, "train", feature)
-    test_x, test_y = split_features(model, "test", feature)
-    result = linear_probe(train_x, train_y, test_x, test_y)
+    train = split_features(model, "train", feature, cache_dir=cache_dir)
+    return model, train, split_features(model, "test", feature, cache_dir=cache_dir)
+
+
+def probe(
+    path: Path,
+    data: str | None,
+    feature: str,
+    shots: int = 0,
+    seeds: int = 5,
+    method: str = "auto",
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Full linear probe, or the K-shot probe over `seeds` draws; written to RUN_DIR/eval/."""
+    from ssl_vit.eval.features import save_result
+    from ssl_vit.eval.linear_probe import linear_probe, lowshot_probe
+
+    model, train, test = _features(path, data, feature, cache_dir)
+    if shots:
+        result = lowshot_probe(*train, *test, shots, seeds)
+    else:
+        result = linear_probe(*train, *test, method=method)
     result.update(data=model.data, feature=feature, model=str(path))
-    if (path / "recipe.yaml").is_file():
-        (path / "eval").mkdir(exist_ok=True)
-        (path / "eval" / "linear_probe.json").write_text(json.dumps(result, indent=2))
+    save_result(model, f"lowshot_{shots}" if shots else "linear_probe", result)
     return result
 
 
-# ---------------------------------------------------------------- demo
-def demo(out: Path, quiet: bool) -> list[dict[str, Any]]:
-    """Supervised pretraining on digits, then the probe against two baselines, then export."""
-    import torch
+def knn(
+    path: Path, data: str | None, feature: str, ks: Sequence[int], temperature: float, cache_dir: Path | None
+) -> dict[str, Any]:
+    from ssl_vit.eval.features import save_result
+    from ssl_vit.eval.knn import knn_classify
 
-    from ssl_vit.backbone import Backbone
+    model, train, test = _features(path, data, feature, cache_dir)
+    result = knn_classify(*train, *test, ks, temperature)
+    result.update(data=model.data, feature=feature, model=str(path))
+    save_result(model, "knn", result)
+    return result
+
+
+def finetune_model(model: Any, cfg: Any, out: Path, progress: bool, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune with the run's own augmentation settings where the model came from a run."""
     from ssl_vit.config import load_recipe
-    from ssl_vit.eval.features import extract, normalise, raw_pixel_features
-    from ssl_vit.eval.linear_probe import linear_probe
+    from ssl_vit.eval.finetune import finetune
 
-    recipe_name = "digits/supervised"
-    recipe = load_recipe(recipe_name)
-    run_dir = pretrain(recipe_name, [], out / "supervised", quiet)
-    rows: list[dict[str, Any]] = []
-    size, chans = recipe.model.img_size, recipe.model.in_chans
-    train = raw_pixel_features(recipe.data.train, "train", size, chans)
-    test = raw_pixel_features(recipe.data.train, "test", size, chans)
-    rows.append({"name": "raw pixels", "objective": "raw_pixels", **linear_probe(*train, *test)})
-    torch.manual_seed(recipe.seed)
-    random_backbone = Backbone.from_config(recipe.model)
+    data = load_recipe(model.run_dir / "recipe.yaml").data if model.run_dir else None
+    return finetune(model, out, cfg, data, progress, resume)
 
-    def feats(split_images: torch.Tensor) -> Any:
-        return extract(random_backbone, normalise(split_images, recipe.data.mean, recipe.data.std))
 
-    rand_train = feats(torch.from_numpy(train[0]).view(-1, chans, size, size)), train[1]
-    rand_test = feats(torch.from_numpy(test[0]).view(-1, chans, size, size)), test[1]
-    rows.append({"name": "random init", "objective": "random_init", **linear_probe(*rand_train, *rand_test)})
-    rows.append({"name": "supervised", "objective": "supervised", **probe(run_dir, None, "cls")})
-    exported = export(run_dir, out / "export")
+def _finetune_fn(cfg: Any) -> Callable[[Any, int, Path], float]:
+    """What `compare` calls for each input and seed: fine-tune, return test top-1."""
+    from dataclasses import replace
+
+    def run(model: Any, seed: int, out: Path) -> float:
+        return float(finetune_model(model, replace(cfg, seed=seed), out, progress=False)["top1"])
+
+    return run
+
+
+def compare_runs(
+    inputs: Sequence[Path], out: Path, protocol: Any, finetune_cfg: Any, cache_dir: Path | None
+) -> list[dict[str, Any]]:
+    from dataclasses import asdict
+
+    from ssl_vit.eval.compare import compare
+    from ssl_vit.flops import pretrain_flops
+
+    settings = {"finetune": asdict(finetune_cfg)} if protocol.finetune else {}
+    return compare(inputs, out, protocol, cache_dir, pretrain_flops, _finetune_fn(finetune_cfg), settings)
+
+
+# ---------------------------------------------------------------- demo
+DEMO_DATA = "digits"  # becomes "shapes" once the built-in shapes set lands
+# Pretraining steps per objective, before --steps-scale, chosen for roughly equal wall time per
+# objective: seconds per step measured on the shared 2-core machine (1 thread, under load) with the
+# shapes recipes: supervised 0.24, mpp 0.27, mae 0.23, simclr 1.5, mocov3 1.5, dino 1.4.
+DEMO_STEPS: dict[str, dict[str, int]] = {
+    "digits": {"supervised": 300},
+    "shapes": {"supervised": 300, "mpp": 300, "mae": 400, "simclr": 80, "mocov3": 80, "dino": 60},
+}
+DEMO_DEFAULT_STEPS = 150
+DEMO_FINETUNE_STEPS = 100
+DEMO_OVERRIDES = ["ckpt.keep_last=1"]  # recipe overrides for every demo run
+DEMO_PROTOCOL: dict[str, Any] = {
+    "probe": True,
+    "knn": True,
+    "finetune": True,
+    "shots": 10,
+    "seeds": 3,
+    "finetune_seeds": 1,
+}
+
+
+def demo_recipes(data: str) -> list[str]:
+    """Every registered objective that has a recipe for `data`, as `data/name`."""
+    from ssl_vit import objectives
+    from ssl_vit.config import RECIPES_DIR
+
+    return [f"{data}/{n}" for n in objectives.names() if (RECIPES_DIR / data / f"{n}.yaml").is_file()]
+
+
+def demo(data: str, steps_scale: float, out: Path, quiet: bool) -> list[dict[str, Any]]:
+    """Pretrain every objective with a recipe for `data` on a step budget, then compare them all."""
+    from ssl_vit.errors import RecipeError
+    from ssl_vit.eval.compare import Protocol
+    from ssl_vit.eval.finetune import FinetuneConfig
+
+    recipes = demo_recipes(data)
+    if not recipes:
+        raise RecipeError(f"no recipes under recipes/{data}/ for any registered objective")
+    if steps_scale <= 0:
+        raise RecipeError(f"--steps-scale must be positive, got {steps_scale}")
+    runs = []
+    for recipe in recipes:
+        name = recipe.split("/")[1]
+        steps = max(1, round(DEMO_STEPS.get(data, {}).get(name, DEMO_DEFAULT_STEPS) * steps_scale))
+        runs.append(pretrain(recipe, [f"train.max_steps={steps}", *DEMO_OVERRIDES], out / name, quiet))
+    protocol = Protocol(**DEMO_PROTOCOL)
+    finetune_cfg = FinetuneConfig(steps=max(1, round(DEMO_FINETUNE_STEPS * steps_scale)))
     if not quiet:
-        print(
-            f"exported backbone -> {exported} (loads with timm.create_model('local-dir:{exported}', pretrained=True))"
-        )
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    return rows
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'backbone':<16} {'objective':<12} {'probe top-1':>11}", "-" * 41]
-    lines += [f"{r['name']:<16} {r['objective']:<12} {100 * r['top1']:>10.1f}%" for r in rows]
-    return "\n".join(lines)
+        print(f"comparing {len(runs)} backbone(s) and 2 baselines (k-NN, 10-shot, linear probe, fine-tune)")
+    return compare_runs(runs, out / "compare", protocol, finetune_cfg, out / "cache")
 
 
 # ---------------------------------------------------------------- commands
@@ -376,32 +452,196 @@ def _run_pretrain(args: argparse.Namespace) -> None:
         raise SystemExit(128 + stop.signum) from None
 
 
-def _add_probe(sub: Any) -> None:
-    p = sub.add_parser(
-        "probe",
-        help="linear-probe a backbone",
-        description="Linear probe (logistic regression) on frozen features.",
-    )
-    p.add_argument("path", type=Path, help="a run directory, an export folder or any timm-loadable folder")
-    p.add_argument("--data", help="data source to probe on (default: the run's data.train, else digits)")
+def _add_eval_args(p: Any) -> None:
+    from ssl_vit.eval.features import FEATURE_KINDS
+
+    p.add_argument("--data", help="data to evaluate on (default: the run's data.train, else digits)")
     p.add_argument(
         "--feature",
         default="cls",
-        choices=["cls", "avg"],
-        help="pooled token (cls) or mean of patch tokens (avg)",
+        choices=FEATURE_KINDS,
+        help="pooled token (cls), mean of patch tokens (avg), CLS of the last 4 blocks (cls4)",
     )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="feature cache (default $SSL_VIT_CACHE/features or ~/.cache/ssl_vit/features)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="extract features again, keep none on disk")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--quiet", action="store_true", help="print only the result")
 
 
+def _add_probe(sub: Any) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="linear-probe a backbone",
+        description="Linear probe on frozen features (logistic regression, or a torch head on large data).",
+    )
+    p.add_argument("path", type=Path, help="a run directory, an export folder or any timm-loadable folder")
+    p.add_argument(
+        "--shots", type=int, default=0, help="K labelled images per class (low-shot probe); 0: all"
+    )
+    p.add_argument("--seeds", type=int, default=5, help="seeded draws of the low-shot probe (mean ± std)")
+    p.add_argument(
+        "--method", default="auto", choices=["auto", "sklearn", "torch"], help="probe implementation"
+    )
+    _add_eval_args(p)
+
+
 def _run_probe(args: argparse.Namespace) -> None:
-    result = probe(args.path, args.data, args.feature)
+    cache = _cache_dir(args.no_cache, args.cache_dir)
+    result = probe(args.path, args.data, args.feature, args.shots, args.seeds, args.method, cache)
     if args.json:
         print(json.dumps(result))
+    elif args.shots:
+        std = result["top1_std"] or 0.0
+        print(
+            f"{args.shots}-shot probe top-1: {100 * result['top1']:.2f} ± {100 * std:.2f}% ({args.seeds} draws)"
+        )
     else:
         print(
             f"linear probe top-1: {100 * result['top1']:.2f}% (n_train={result['n_train']}, n_test={result['n_test']})"
         )
+
+
+def _add_knn(sub: Any) -> None:
+    p = sub.add_parser(
+        "knn",
+        help="k-NN accuracy of a backbone",
+        description="Weighted k-NN on L2-normalised frozen features (DINO's protocol).",
+    )
+    p.add_argument("path", type=Path, help="a run directory, an export folder or any timm-loadable folder")
+    p.add_argument("--k", type=int, nargs="+", default=[20], help="neighbour counts (default 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
+    _add_eval_args(p)
+
+
+def _run_knn(args: argparse.Namespace) -> None:
+    cache = _cache_dir(args.no_cache, args.cache_dir)
+    result = knn(args.path, args.data, args.feature, args.k, args.temperature, cache)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, top1 in result["top1_per_k"].items():
+            print(f"k-NN (k={k}, T={args.temperature}) top-1: {100 * top1:.2f}%")
+
+
+def _add_finetune(sub: Any) -> None:
+    from ssl_vit.eval.finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a backbone end to end",
+        description="Fine-tune with a fresh head: layer-wise lr decay, drop path, label smoothing, mixup.",
+    )
+    p.add_argument("path", type=Path, help="a run directory, an export folder or any timm-loadable folder")
+    p.add_argument("--data", help="data to fine-tune on (default: the run's data.train, else digits)")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval/finetune)")
+    for name, kind in [
+        ("steps", int),
+        ("batch_size", int),
+        ("lr", float),
+        ("layer_decay", float),
+        ("drop_path", float),
+        ("label_smoothing", float),
+        ("mixup", float),
+        ("cutmix", float),
+        ("weight_decay", float),
+        ("seed", int),
+    ]:
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            default=getattr(d, name),
+            help=f"default {getattr(d, name)}",
+        )
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (always one at the end)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the latest checkpoint in the output folder"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or chatter")
+
+
+def _run_finetune(args: argparse.Namespace) -> None:
+    from ssl_vit.eval.features import load_eval_model, save_result
+    from ssl_vit.eval.finetune import FinetuneConfig
+
+    fields = ("steps", "batch_size", "lr", "layer_decay", "drop_path", "label_smoothing", "mixup", "cutmix")
+    cfg = FinetuneConfig(**{f: getattr(args, f) for f in (*fields, "weight_decay", "seed")})
+    cfg.ckpt_every_steps = args.ckpt_every
+    model = load_eval_model(args.path, args.data)
+    if args.out:
+        out = args.out
+    elif model.run_dir:
+        out = model.run_dir / "eval" / "finetune"
+    else:
+        out = Path("runs") / f"finetune-{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = finetune_model(model, cfg, out, progress=not (args.quiet or args.json), resume=args.resume)
+    result.update(data=model.data, model=str(args.path))
+    save_result(model, "finetune", result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"fine-tune top-1: {100 * result['top1']:.2f}% ({result['steps']} steps, {result['seconds']:.0f}s) -> {out}"
+        )
+
+
+def _add_compare(sub: Any) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare backbones with identical protocols",
+        description="Evaluate runs or exports with the same protocols, plus raw-pixel and random-init baselines; "
+        "writes report.md, results.json, results.csv, compare.png and compute.png.",
+    )
+    p.add_argument("inputs", type=Path, nargs="+", metavar="RUN_OR_EXPORT", help="run directories or folders")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--probe", action="store_true", help="linear probe and the low-shot probe")
+    p.add_argument("--knn", action="store_true", help="weighted k-NN")
+    p.add_argument("--finetune", action="store_true", help="short end-to-end fine-tune")
+    p.add_argument(
+        "--seeds", type=int, default=3, help="low-shot draws and fine-tune runs per input (default 3)"
+    )
+    p.add_argument(
+        "--shots", type=int, default=10, help="K of the low-shot probe; 0 turns it off (default 10)"
+    )
+    p.add_argument("--finetune-steps", type=int, default=300, help="fine-tune steps per run (default 300)")
+    p.add_argument("--figures", action="store_true", help="also overlay training curves and embedding maps")
+    _add_eval_args(p)
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    from ssl_vit.eval.compare import Protocol
+    from ssl_vit.eval.finetune import FinetuneConfig
+    from ssl_vit.eval.report import format_table
+
+    chosen = args.probe or args.knn or args.finetune
+    protocol = Protocol(
+        probe=args.probe or not chosen,
+        knn=args.knn or not chosen,
+        finetune=args.finetune,
+        shots=args.shots,
+        seeds=args.seeds,
+        feature=args.feature,
+        data=args.data,
+    )
+    cache = _cache_dir(args.no_cache, args.cache_dir)
+    rows = compare_runs(args.inputs, args.out, protocol, FinetuneConfig(steps=args.finetune_steps), cache)
+    figures = []
+    if args.figures:
+        from ssl_vit.figures import write_compare_figures
+
+        figures = write_compare_figures(args.inputs, args.out / "figures")
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(format_table(rows))
+    print(f"report: {args.out / 'report.md'}; charts: {args.out / 'compare.png'}, {args.out / 'compute.png'}")
+    if figures:
+        print(f"figures: {', '.join(str(f) for f in figures)}")
 
 
 def _add_export(sub: Any) -> None:
@@ -436,17 +676,28 @@ def _add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="the end-to-end demo (what `make demo` runs)",
-        description="Pretrain, probe and export on the embedded digits set.",
+        description="Pretrain every objective on a built-in set with a step budget, then compare them.",
     )
+    p.add_argument(
+        "--data", default=DEMO_DATA, choices=["shapes", "digits"], help=f"built-in set (default {DEMO_DATA})"
+    )
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step budget (default 1)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or chatter")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
+    from ssl_vit.eval.report import format_table
+
     start = time.perf_counter()
-    rows = demo(args.out, args.quiet)
+    rows = demo(args.data, args.steps_scale, args.out, args.quiet)
     print(format_table(rows))
-    print(f"demo finished in {time.perf_counter() - start:.0f}s; results in {args.out}")
+    report = args.out / "compare"
+    print(f"report: {report / 'report.md'}; charts: {report / 'compare.png'}, {report / 'compute.png'}")
+    print(
+        f"backbones: {args.out}/<objective>/backbone (timm.create_model('local-dir:<folder>', pretrained=True))"
+    )
+    print(f"demo finished in {time.perf_counter() - start:.0f}s")
 
 
 def _add_show(sub: Any) -> None:
@@ -515,6 +766,9 @@ def _run_shards(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = {
     "pretrain": (_add_pretrain, _run_pretrain),
     "probe": (_add_probe, _run_probe),
+    "knn": (_add_knn, _run_knn),
+    "finetune": (_add_finetune, _run_finetune),
+    "compare": (_add_compare, _run_compare),
     "export": (_add_export, _run_export),
     "demo": (_add_demo, _run_demo),
     "show": (_add_show, _run_show),

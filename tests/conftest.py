@@ -13,6 +13,8 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
+# Built-in sets are written to shards once; keep the tests' copy out of the user's cache.
+os.environ.setdefault("SSL_VIT_CACHE", str(Path(tempfile.gettempdir()) / "ssl_vit_test_cache"))
 # One intra-op thread: on a small shared machine, two OpenMP threads make tiny ops ~30x slower, and
 # in-process runs then compute like the OMP_NUM_THREADS=1 subprocesses the tests start.
 torch.set_num_threads(1)

@@ -68,13 +68,16 @@ def fit(
     *,
     resume: Path | None = None,
     data_stats: Callable[[], dict[str, float]] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> FitResult:
     """Train `objective`; write `metrics.jsonl`, `train_state.json` and `checkpoints/` into `run_dir`.
 
     `steps_per_epoch` is the loader's batches per epoch on this process (a map-style DataLoader is
     re-sharded by accelerate, and its sharded length wins). `resume` is a checkpoint folder to
     continue from exactly. `data_stats`, when given, returns counters (e.g. skipped corrupt
-    samples) logged with each metrics record. Raises `TrainingError` after `train.max_bad_steps`
+    samples) logged with each metrics record. `optimizer`, when given, replaces AdamW over
+    `param_groups` (fine-tuning passes timm's layer-decay groups); a group's `lr_scale` multiplies
+    the scheduled lr either way. Raises `TrainingError` after `train.max_bad_steps`
     non-finite steps in a row and `TrainingInterrupted` after SIGTERM/SIGINT (checkpoint written).
     """
     check_config(optim, train, ckpt, logcfg)
@@ -84,8 +87,9 @@ def fit(
     set_seed(seed, device_specific=True)  # each process its own augmentation/masking draws
     stream = BatchStream(accelerator, loader, steps_per_epoch, seed)
     plan = make_plan(accelerator, stream, optim, train)
-    groups = param_groups(objective, optim.weight_decay, objective.no_weight_decay(), optim.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=(optim.betas[0], optim.betas[1]))  # type: ignore[arg-type]
+    if optimizer is None:  # a caller's own keeps its groups (fine-tuning: timm's layer-decay factory)
+        groups = param_groups(objective, optim.weight_decay, objective.no_weight_decay(), optim.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=(optim.betas[0], optim.betas[1]))  # type: ignore[arg-type]
     model, optimizer = accelerator.prepare(objective, optimizer)
     inner: Objective = accelerator.unwrap_model(model)
     pairs = inner.ema_pairs()

@@ -1,0 +1,95 @@
+"""`compare` end to end on tiny runs (fine-tuning replaced by a stub; it has its own tests)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from ssl_vit.eval.compare import Protocol, compare
+from ssl_vit.eval.features import EvalModel
+from ssl_vit.eval.report import COLUMNS, format_table
+
+from ssl_vit.cli import export, pretrain
+from tests.conftest import TINY
+
+FIELDS = {
+    "name",
+    "objective",
+    "n_runs",
+    "pretrain_seconds",
+    "images_seen",
+    "pretrain_flops",
+    "linear_probe_top1",
+    "linear_probe_top1_std",
+    "lowshot_top1",
+    "lowshot_top1_std",
+    "shots",
+    "knn_top1",
+    "knn_top1_std",
+    "finetune_top1",
+    "finetune_top1_std",
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two runs of one recipe (seeds 0 and 1) and an export of a third run with another lr."""
+    base = tmp_path_factory.mktemp("compare")
+    out = [
+        pretrain("digits/supervised", [*TINY, "train.max_steps=2", f"seed={s}"], base / f"sup-s{s}", True)
+        for s in (0, 1)
+    ]
+    other = pretrain(
+        "digits/supervised", [*TINY, "train.max_steps=2", "optim.lr=3e-3"], base / "sup-lr", True
+    )
+    return [*out, export(other, base / "exported")]
+
+
+def fake_finetune(model: EvalModel, seed: int, out: Path) -> float:
+    out.mkdir(parents=True)
+    return 0.5 + 0.1 * seed
+
+
+def test_compare_writes_every_file_with_baselines_and_aggregates_runs(
+    runs: list[Path], tmp_path: Path
+) -> None:
+    protocol = Protocol(probe=True, knn=True, finetune=True, shots=5, seeds=2, probe_cs=[0.1, 1.0])
+    rows = compare(runs, tmp_path / "report", protocol, tmp_path / "cache", lambda run: 1e9, fake_finetune)
+    out = tmp_path / "report"
+    for name in ("report.md", "results.json", "results.csv", "compare.png", "compute.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == rows
+    assert [r["objective"] for r in rows] == ["raw_pixels", "random_init", "supervised", "supervised"]
+    assert all(set(r) == FIELDS for r in rows)
+    raw, rand, pair, exported = rows
+    assert raw["finetune_top1"] is None and raw["pretrain_flops"] == 0.0 and raw["shots"] == 5
+    assert rand["finetune_top1"] == pytest.approx(0.55) and rand["finetune_top1_std"] is not None
+    # two seeds of one recipe: one row, mean ± std over runs
+    assert pair["n_runs"] == 2 and pair["name"] == "sup-s" and pair["pretrain_flops"] == 1e9
+    assert pair["knn_top1_std"] is not None and pair["images_seen"] == 64
+    # an export folder is its own row; its pretraining figures come from the run it records
+    assert exported["n_runs"] == 1 and exported["name"] == "exported" and exported["images_seen"] == 64
+    for r in rows:
+        for metric in ("linear_probe_top1", "lowshot_top1", "knn_top1"):
+            assert 0.0 <= r[metric] <= 1.0
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == COLUMNS and [t["name"] for t in table] == [r["name"] for r in rows]
+    report = (out / "report.md").read_text()
+    assert "| raw pixels | raw_pixels |" in report and "| random init | random_init |" in report
+    assert "5-shot probe" in format_table(rows) and (runs[0] / "eval" / "compare.json").is_file()
+
+
+def test_compare_without_finetune_leaves_nulls(runs: list[Path], tmp_path: Path) -> None:
+    rows = compare(
+        [runs[0] / "backbone"], tmp_path, Protocol(probe=False, knn=True, shots=0), tmp_path / "cache"
+    )
+    assert len(rows) == 3 and rows[2]["name"] == "sup-s0"  # a run's backbone/ export is named after the run
+    assert all(
+        r["linear_probe_top1"] is None and r["lowshot_top1"] is None and r["shots"] is None for r in rows
+    )
+    assert all(r["finetune_top1"] is None and r["knn_top1"] is not None for r in rows)
+    assert rows[2]["pretrain_flops"] is None  # no FLOP counter given

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ssl_vit.eval.features import EvalModel
+from ssl_vit.eval.finetune import FineTune, FinetuneConfig, build_optimizer, finetune
+from timm.layers import DropPath
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.config import CkptConfig, LogConfig, OptimConfig, TrainConfig
+from ssl_vit.engine.loop import fit
+from ssl_vit.errors import RecipeError
+from ssl_vit.types import Batch
+from tests.conftest import tiny_model_config
+
+DEPTH, DECAY, LR = 3, 0.5, 1e-3
+
+
+def expected_scale(name: str) -> float:
+    """Layer decay worked out by hand (BEiT/MAE rule, timm's grouping) for a depth-3 ViT."""
+    if name.startswith("head."):
+        return 1.0
+    if name.startswith(("backbone.vit.cls_token", "backbone.vit.pos_embed", "backbone.vit.patch_embed")):
+        return DECAY**4  # below block 0
+    if name.startswith("backbone.vit.norm."):
+        return DECAY  # timm puts the final norm with the last block
+    block = int(name.split(".")[3])
+    return {0: DECAY**3, 1: DECAY**2, 2: DECAY}[block]
+
+
+def make(cfg: FinetuneConfig) -> FineTune:
+    torch.manual_seed(0)
+    return FineTune(Backbone.from_config(tiny_model_config(depth=DEPTH)), 10, cfg)
+
+
+def test_layer_decay_gives_the_documented_lr_per_block(tmp_path: Path) -> None:
+    cfg = FinetuneConfig(lr=LR, layer_decay=DECAY, warmup_steps=0)
+    objective = make(cfg)
+    optimizer = build_optimizer(objective, cfg)
+    batch = Batch(views=[torch.randn(4, 1, 16, 16)], labels=torch.arange(4))
+    fit(  # one engine step at the peak lr: each group's lr must be lr x its scale
+        objective,
+        [batch],
+        1,
+        OptimConfig(lr=LR, min_lr=LR, warmup_steps=0),
+        TrainConfig(batch_size=4, max_steps=1, cpu=True),
+        CkptConfig(),
+        LogConfig(),
+        tmp_path,
+        0,
+        progress=False,
+        optimizer=optimizer,
+    )
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    names = dict(objective.named_parameters())
+    assert len(names) == len(lr_of)
+    for name, param in names.items():
+        assert lr_of[id(param)] == pytest.approx(LR * expected_scale(name)), name
+    assert decay_of[id(names["backbone.vit.pos_embed"])] == 0.0
+    assert decay_of[id(names["backbone.vit.blocks.0.attn.qkv.bias"])] == 0.0
+    assert decay_of[id(names["backbone.vit.blocks.0.attn.qkv.weight"])] == cfg.weight_decay
+
+
+def test_drop_path_rises_linearly_over_blocks() -> None:
+    backbone = Backbone.from_config(tiny_model_config(depth=DEPTH))
+    backbone.set_drop_path(0.2)
+    rates = [
+        b.drop_path1.drop_prob if isinstance(b.drop_path1, DropPath) else 0.0 for b in backbone.vit.blocks
+    ]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_mixup_uses_soft_targets_and_needs_even_batches(tmp_path: Path) -> None:
+    objective = make(FinetuneConfig(mixup=0.8, cutmix=1.0))
+    batch = Batch(views=[torch.randn(4, 1, 16, 16)], labels=torch.tensor([0, 1, 2, 3]))
+    loss, logs = objective(batch)
+    assert torch.isfinite(loss) and objective.mixup is not None and "acc" in logs
+    model = EvalModel(objective.backbone, 16, 1, [0.5], [0.5], "digits")
+    with pytest.raises(RecipeError, match="even"):
+        finetune(model, tmp_path, FinetuneConfig(mixup=0.8, batch_size=7))
+
+
+def test_finetune_runs_on_the_engine_and_reports_test_top1(tmp_path: Path) -> None:
+    backbone = Backbone.from_config(tiny_model_config())
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = EvalModel(backbone, 16, 1, [0.5], [0.5], "digits")
+    result = finetune(model, tmp_path / "ft", FinetuneConfig(steps=3, batch_size=32, warmup_steps=1))
+    assert 0.0 <= result["top1"] <= 1.0 and result["steps"] == 3 and result["images_seen"] == 96
+    assert list((tmp_path / "ft" / "checkpoints").glob("step-*"))
+    lines = (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    for key, value in backbone.state_dict().items():  # the evaluated model itself is left untouched
+        assert torch.equal(value, before[key]), key
+
+
+def test_finetune_resumes_from_its_checkpoint_and_restarts_clean(tmp_path: Path) -> None:
+    model = EvalModel(Backbone.from_config(tiny_model_config()), 16, 1, [0.5], [0.5], "digits")
+    cfg = FinetuneConfig(steps=2, batch_size=16, warmup_steps=0)
+    first = finetune(model, tmp_path, cfg)
+    again = finetune(model, tmp_path, cfg, resume=True)  # finished: nothing left to train
+    assert again["resumed_from"] == "step-00000002" and again["top1"] == first["top1"]
+    fresh = finetune(model, tmp_path, cfg)  # no resume: a clean start, not appended logs
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert fresh["resumed_from"] is None and [json.loads(line)["step"] for line in lines] == [1, 2]
