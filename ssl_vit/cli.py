@@ -33,7 +33,13 @@ def pretrain(recipe_name: str, overrides: Sequence[str], out: Path | None, quiet
     run_dir = out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     torch.manual_seed(recipe.seed)
     backbone = Backbone.from_config(recipe.model)
-    objective = objectives.build(recipe.objective, backbone, num_classes=len(class_names(recipe.data.train)))
+    objective = objectives.build(
+        recipe.objective,
+        backbone,
+        num_classes=len(class_names(recipe.data.train)),
+        pixel_mean=recipe.data.mean,
+        pixel_std=recipe.data.std,
+    )
     spec = objective.views()
     loader = train_loader(
         recipe.data, spec, recipe.model.img_size, recipe.model.in_chans, recipe.train.batch_size, recipe.seed

@@ -11,6 +11,9 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
+# One thread: tiny models gain nothing from two, and on a shared machine two threads wait on each
+# other at every op (measured 10-25x slower under load).
+torch.set_num_threads(1)
 TINY = [
     "model.embed_dim=32",
     "model.depth=2",
