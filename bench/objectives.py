@@ -162,7 +162,8 @@ def main() -> None:
         section = dict(recipe.objective)
         if name == "dino":  # local crops keep the paper's 96/224 of the image
             section["local_size"] = max(round(img_size * 96 / 224 / 16), 1) * 16
-        obj = objectives.build(section, Backbone.from_config(model), num_classes=1000).to(device)
+        with device:  # initialise on the device: ViT-L/16 takes many seconds on the CPU
+            obj = objectives.build(section, Backbone.from_config(model), num_classes=1000)
         batch = make_batch(obj, args.batch, img_size, 3, device)
         times = step_times(obj, batch, args.steps, args.warmup, args.bf16, device)
         rows.append(

@@ -48,16 +48,26 @@ def knn_top1(
     return float((votes.argmax(1).numpy() == test_y).mean())
 
 
-def random_init(data: str, seed: int) -> float:
+def random_init_features(
+    data: str, seed: int, kind: str = "cls"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train and test features of a randomly initialised backbone (the supervised recipe's model)."""
     recipe = load_recipe(f"{data}/supervised")
     torch.manual_seed(seed)
     backbone = Backbone.from_config(recipe.model)
     size, chans = recipe.model.img_size, recipe.model.in_chans
-    feats = []
+    out = []
     for split in ("train", "test"):
         images, labels = load_images(recipe.data.train, split, size, chans)
-        feats += [extract(backbone, normalise(images, recipe.data.mean, recipe.data.std)), labels.numpy()]
-    return knn_top1(*feats)
+        out += [
+            extract(backbone, normalise(images, recipe.data.mean, recipe.data.std), kind=kind),
+            labels.numpy(),
+        ]
+    return out[0], out[1], out[2], out[3]
+
+
+def random_init(data: str, seed: int) -> float:
+    return knn_top1(*random_init_features(data, seed))
 
 
 def main() -> None:

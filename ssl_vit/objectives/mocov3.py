@@ -28,7 +28,6 @@ class MoCoV3Config:
     mlp_dim: int = 1024
     momentum: float = 0.99  # base momentum, raised to 1 along a cosine
     freeze_patch_proj: bool = False  # the paper's stability trick (sec. 4.2)
-    crop_min_scale: float = 0.08
 
 
 def moco_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
@@ -71,7 +70,6 @@ class MoCoV3(Objective):
         self.predictor = mlp(cfg.dim, cfg.mlp_dim, cfg.dim, 2, last_norm=True, bias=False)
         self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        self.spec = ViewSpec(kind="contrastive", global_views=2, global_scale=(cfg.crop_min_scale, 1.0))
 
     def _freeze_patch_projection(self) -> None:
         """MoCo v3's `vits.py`: xavier-uniform over the patch's fan-in, then no gradient."""
@@ -82,9 +80,6 @@ class MoCoV3(Objective):
         if proj.bias is not None:
             nn.init.zeros_(proj.bias)
         proj.requires_grad_(False)
-
-    def views(self) -> ViewSpec:
-        return self.spec
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)]

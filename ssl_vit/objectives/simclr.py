@@ -25,7 +25,6 @@ class SimCLRConfig:
     proj_hidden_dim: int = 512
     proj_dim: int = 128
     proj_layers: int = 2  # 2 in SimCLR v1, 3 in v2
-    crop_min_scale: float = 0.08
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
@@ -60,6 +59,7 @@ class SimCLR(Objective):
     """
 
     Config = SimCLRConfig
+    view_spec: ClassVar[ViewSpec] = ViewSpec(kind="contrastive", global_views=2, global_scale=(0.08, 1.0))
 
     def __init__(self, backbone: Backbone, cfg: SimCLRConfig) -> None:
         super().__init__(backbone)
@@ -69,12 +69,6 @@ class SimCLR(Objective):
             raise RecipeError(f"objective.proj_layers must be at least 1, got {cfg.proj_layers}")
         self.cfg = cfg
         self.projector = mlp(backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
-        self.spec = ViewSpec(kind="contrastive", global_views=2, global_scale=(cfg.crop_min_scale, 1.0))
-
-    view_spec: ClassVar[ViewSpec] = ViewSpec(kind="contrastive", global_views=2, global_scale=(0.08, 1.0))
-
-    def views(self) -> ViewSpec:
-        return self.spec
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         x1, x2 = batch.views[0], batch.views[1]  # (B, C, H, W) each
