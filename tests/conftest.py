@@ -18,8 +18,6 @@ os.environ.setdefault("SSL_VIT_CACHE", str(Path(tempfile.gettempdir()) / "ssl_vi
 # One intra-op thread: on a small shared machine, two OpenMP threads make tiny ops ~30x slower, and
 # in-process runs then compute like the OMP_NUM_THREADS=1 subprocesses the tests start.
 torch.set_num_threads(1)
-# Built-in sets are written to shards once; keep the tests' copy out of the user's cache.
-os.environ.setdefault("SSL_VIT_CACHE", str(Path(tempfile.gettempdir()) / "ssl_vit_test_cache"))
 TINY = [
     "model.embed_dim=32",
     "model.depth=2",

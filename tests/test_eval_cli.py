@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_vit import cli
+from ssl_vit import cli, objectives
 from ssl_vit.cli import main
 from tests.conftest import TINY
 
@@ -83,6 +83,8 @@ def test_demo_on_digits_at_a_tiny_budget(
     out = capsys.readouterr().out
     assert "raw pixels" in out and "supervised" in out and "fine-tune" in out and "demo finished" in out
     rows = json.loads((tmp_path / "compare" / "results.json").read_text())
-    assert [r["objective"] for r in rows] == ["raw_pixels", "random_init", "supervised"]
-    assert rows[-1]["finetune_top1"] is not None and rows[-1]["lowshot_top1"] is not None
+    pretrained = [r.split("/")[1] for r in cli.demo_recipes("digits")]
+    assert "supervised" in pretrained and len(pretrained) == len(objectives.names())
+    assert [r["objective"] for r in rows] == ["raw_pixels", "random_init", *pretrained]
+    assert all(r["finetune_top1"] is not None and r["lowshot_top1"] is not None for r in rows[2:])
     assert (tmp_path / "supervised" / "backbone" / "config.json").is_file()

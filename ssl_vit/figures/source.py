@@ -53,7 +53,13 @@ def load_objective(run_dir: Path, ckpt: Path) -> tuple[nn.Module, Any]:
     recipe = load_recipe(run_dir / "recipe.yaml")
     torch.manual_seed(recipe.seed)
     backbone = Backbone.from_config(recipe.model)
-    objective = objectives.build(recipe.objective, backbone, num_classes=len(class_names(recipe.data.train)))
+    objective = objectives.build(
+        recipe.objective,
+        backbone,
+        num_classes=len(class_names(recipe.data.train)),
+        pixel_mean=recipe.data.mean,
+        pixel_std=recipe.data.std,
+    )
     try:
         objective.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     except (RuntimeError, OSError) as err:

@@ -1,0 +1,205 @@
+"""Step time of every objective relative to `supervised`, next to its FLOP-proportional ideal.
+
+One training step (forward, backward, AdamW step, EMA update and the objective's hooks) of each
+objective on the same backbone and batch, with the paper-scale heads of `recipes/imagenet/` (MAE's
+8-block 512-wide decoder, DINO's 65536-way head and 10 local crops at 96 px, MoCo v3's 4096-wide
+MLPs). The ideal ratio counts multiply-accumulates from the model sizes: trainable parts cost 3x
+their forward (forward + backward), no-grad teachers 1x. An objective is efficient when its measured
+ratio is close to its ideal (the issue's target: within 1.05x).
+
+    python bench/objectives.py                                   # cheap: ViT-Ti/16, 112 px, batch 4
+    python bench/objectives.py --preset b16 --batch 8            # ViT-B/16 at 224 px
+    python bench/objectives.py --preset l16 --batch 4 --device cuda --bf16
+
+Writes JSON (`--out`) naming the device; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_vit import objectives
+from ssl_vit.backbone import Backbone
+from ssl_vit.config import ModelConfig, load_recipe
+from ssl_vit.engine.ema import ema_update
+from ssl_vit.types import Batch
+
+PRESETS = {
+    "tiny": ("vit_tiny_patch16_224", 112),
+    "b16": ("vit_base_patch16_224", 224),
+    "l16": ("vit_large_patch16_224", 224),
+}
+
+
+# ------------------------------------------------------------------ FLOP model
+def blocks_macs(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> float:
+    """Pre-norm transformer blocks on one sample: qkv + proj (4 D^2), MLP (2 r D^2), QK^T and AV (2 T D)."""
+    per_block = tokens * (4 + 2 * mlp_ratio) * dim**2 + 2 * tokens**2 * dim
+    return depth * per_block
+
+
+def backbone_macs(bb: Backbone, patches: int) -> float:
+    """Patch embedding plus the blocks on `patches` patch tokens and the prefix tokens."""
+    vit = bb.vit
+    mlp_ratio = vit.blocks[0].mlp.fc1.out_features / bb.embed_dim
+    embed = patches * bb.patch_size**2 * bb.in_chans * bb.embed_dim
+    return embed + blocks_macs(patches + bb.num_prefix_tokens, bb.embed_dim, len(vit.blocks), mlp_ratio)
+
+
+def linear_macs(module: torch.nn.Module) -> float:
+    """MACs of every Linear in `module` applied to one input row."""
+    return float(
+        sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+    )
+
+
+def ideal_macs(name: str, obj: Any) -> float:
+    """Training MACs per sample: 3x forward for trained parts, 1x for no-grad teachers."""
+    bb: Backbone = obj.backbone
+    n = bb.num_patches
+    full = backbone_macs(bb, n)
+    if name == "supervised":
+        return 3 * (full + linear_macs(obj.head))
+    if name == "mpp":
+        return 3 * (full + n * linear_macs(obj.head))
+    if name == "mae":
+        cfg = obj.cfg
+        kept = int(n * (1 - cfg.mask_ratio))
+        tokens = n + bb.num_prefix_tokens
+        decoder = blocks_macs(tokens, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_mlp_ratio)
+        heads = (kept + bb.num_prefix_tokens) * linear_macs(obj.decoder_embed) + n * linear_macs(
+            obj.decoder_pred
+        )
+        return 3 * (backbone_macs(bb, kept) + decoder + heads)
+    if name == "simclr":
+        return 3 * 2 * (full + linear_macs(obj.projector))
+    if name == "mocov3":
+        online = full + linear_macs(obj.projector) + linear_macs(obj.predictor)
+        return 3 * 2 * online + 2 * (full + linear_macs(obj.momentum_projector))
+    if name == "dino":
+        spec = obj.views()
+        local = backbone_macs(bb, (spec.local_size // bb.patch_size) ** 2)
+        head = linear_macs(obj.head) + obj.head.last_layer.v.numel()  # MLP + weight-normalised layer
+        student = 2 * full + spec.local_views * local + (2 + spec.local_views) * head
+        return 3 * student + 2 * (full + head)
+    raise ValueError(f"no FLOP model for '{name}'")
+
+
+# ------------------------------------------------------------------ timing
+def make_batch(obj: Any, batch: int, img_size: int, chans: int, device: torch.device) -> Batch:
+    spec = obj.views()
+    local = spec.local_size or img_size // 2
+    views = [torch.randn(batch, chans, img_size, img_size, device=device) for _ in range(spec.global_views)]
+    views += [torch.randn(batch, chans, local, local, device=device) for _ in range(spec.local_views)]
+    return Batch(views=views, labels=torch.randint(0, 1000, (batch,), device=device))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_times(
+    obj: Any, batch: Batch, steps: int, warmup: int, bf16: bool, device: torch.device
+) -> list[float]:
+    """Seconds per full training step, one value per timed step."""
+    params = [p for p in obj.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    obj.train()
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        obj.set_progress(5000, 10000, 100)  # past DINO's frozen last layer
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = obj(batch)
+        loss.backward()
+        obj.after_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if obj.ema_pairs():
+            ema_update(obj.ema_pairs(), obj.ema_momentum(5000, 10000))
+        obj.after_optimizer_step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--img-size", type=int, help="default: the preset's (112 tiny, 224 b16/l16)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--objectives", nargs="+", default=None, help="default: every registered one")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--threads", type=int, help="torch threads on the CPU")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/objectives.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model_name, default_size = PRESETS[args.preset]
+    img_size = args.img_size or default_size
+    names = args.objectives or objectives.names()
+    names = ["supervised", *[n for n in names if n != "supervised"]]
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        recipe = load_recipe(f"imagenet/vit_b16_{name}")  # the paper's heads and crops
+        torch.manual_seed(0)
+        model = ModelConfig(name=model_name, img_size=img_size, in_chans=3, pos_embed=recipe.model.pos_embed)
+        section = dict(recipe.objective)
+        if name == "dino":  # local crops keep the paper's 96/224 of the image
+            section["local_size"] = max(round(img_size * 96 / 224 / 16), 1) * 16
+        with device:  # initialise on the device: ViT-L/16 takes many seconds on the CPU
+            obj = objectives.build(section, Backbone.from_config(model), num_classes=1000)
+        batch = make_batch(obj, args.batch, img_size, 3, device)
+        times = step_times(obj, batch, args.steps, args.warmup, args.bf16, device)
+        rows.append(
+            {"objective": name, "step_s": statistics.median(times), "ideal_macs": ideal_macs(name, obj)}
+        )
+        del obj, batch
+        print(f"{name:<12} {rows[-1]['step_s']:.3f} s/step", flush=True)
+    base = rows[0]
+    for row in rows:
+        row["ratio"] = row["step_s"] / base["step_s"]
+        row["ideal_ratio"] = row["ideal_macs"] / base["ideal_macs"]
+        row["vs_ideal"] = row["ratio"] / row["ideal_ratio"]
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    )
+    record = {
+        "device": device_name,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": model_name,
+        "img_size": img_size,
+        "batch": args.batch,
+        "bf16": args.bf16,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(
+        f"\n{model_name} {img_size}px batch {args.batch} on {device_name} ({'bf16' if args.bf16 else 'fp32'})"
+    )
+    print(f"{'objective':<12} {'s/step':>8} {'ratio':>7} {'ideal':>7} {'ratio/ideal':>12}")
+    for r in rows:
+        print(
+            f"{r['objective']:<12} {r['step_s']:>8.3f} {r['ratio']:>7.2f} {r['ideal_ratio']:>7.2f} {r['vs_ideal']:>12.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""DINO (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers")."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.errors import RecipeError
+from ssl_vit.objectives import register
+from ssl_vit.objectives._shared import all_reduce_mean, cosine_momentum, init_linear, mlp
+from ssl_vit.objectives.base import Objective
+from ssl_vit.types import Batch, ViewSpec
+
+
+@dataclass
+class DINOConfig:
+    """Defaults follow the official `main_dino.py` except the head, which is sized for the small
+    recipes (the paper: out_dim 65536, hidden 2048, bottleneck 256, no BatchNorm; see
+    `recipes/imagenet/vit_b16_dino.yaml`).
+
+    `head_bn` (the official `use_bn_in_head`, off for ImageNet) is on by default: a small random ViT
+    maps different images to nearly the same feature, so after centring the teacher's targets are
+    uniform and training collapses to the uniform output (measured on digits: loss stuck at
+    log K, k-NN at chance level of the random init). BatchNorm in the head removes that common
+    component and lets the centred targets differ from the start (digits k-NN 69% after 300 steps).
+    """
+
+    out_dim: int = 1024
+    hidden_dim: int = 512
+    bottleneck_dim: int = 128
+    head_layers: int = 3
+    head_bn: bool = True  # official `use_bn_in_head` (off there); see above
+    norm_last_layer: bool = True
+    freeze_last_layer_epochs: float = 1.0
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0
+    center_momentum: float = 0.9
+    momentum: float = 0.996  # teacher EMA, raised to 1 along a cosine
+    local_crops: int = 8
+    local_size: int | None = None  # default: 96/224 of the image size, in whole patches
+    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight normalisation, w = g * v / ||v|| per output unit.
+
+    DINO's last layer; with `norm_last_layer` g is fixed at 1 (a buffer), which the paper reports
+    stabilises training (appendix D). Written out instead of `nn.utils.weight_norm` so the teacher
+    copy and the EMA see two plain tensors.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, fix_norm: bool) -> None:
+        super().__init__()
+        self.v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone())  # (K, d)
+        g = torch.ones(out_dim, 1)
+        if fix_norm:
+            self.register_buffer("g", g)
+        else:
+            self.g = nn.Parameter(g)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.g * F.normalize(self.v, dim=1))  # (B, K)
+
+
+class DINOHead(nn.Module):
+    """MLP -> L2-normalised bottleneck -> weight-normalised linear to K prototypes (sec. 3.1)."""
+
+    def __init__(self, in_dim: int, cfg: DINOConfig) -> None:
+        super().__init__()
+        self.mlp = mlp(
+            in_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, norm=cfg.head_bn, act=nn.GELU
+        )
+        init_linear(self.mlp)
+        self.last_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, cfg.norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))  # (B, D) -> (B, K)
+
+
+def dino_loss(
+    student: list[Tensor], teacher: list[Tensor], center: Tensor, teacher_temp: float, student_temp: float
+) -> Tensor:
+    """Cross-entropy H(P_t, P_s) averaged over all (teacher view, other student view) pairs (eq. 3).
+
+    student: one (B, K) output per view (globals first); teacher: (B, K) per global view. The
+    teacher's outputs are centred and sharpened: softmax((t - c) / tau_t).
+    """
+    probs = [F.softmax((t.float() - center) / teacher_temp, dim=-1) for t in teacher]
+    log_ps = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
+    total, terms = student[0].new_zeros((), dtype=torch.float32), 0
+    for iq, q in enumerate(probs):
+        for v, log_p in enumerate(log_ps):
+            if v != iq:  # never the same view for teacher and student
+                total = total + (-q * log_p).sum(dim=-1).mean()
+                terms += 1
+    return total / terms
+
+
+@register("dino")
+class DINO(Objective):
+    """A student matches an EMA teacher's centred, sharpened outputs across multi-crop views.
+
+    Teacher = EMA of the whole student branch, backbone and head (`ema_pairs`), momentum 0.996 -> 1
+    along a cosine. The teacher sees the 2 global crops; the student all crops, the local ones at
+    their own small resolution (the backbone resamples its position embeddings), which is what
+    keeps multi-crop cheap in memory. The centre (a running mean of teacher outputs, over all
+    processes) is updated after each optimiser step from the outputs this step recorded; the
+    teacher temperature warms up linearly per step over `warmup_teacher_temp_epochs`; the last
+    layer's gradients are dropped during the first `freeze_last_layer_epochs` (appendix D).
+    """
+
+    Config = DINOConfig
+    center: Tensor  # buffer (1, K)
+
+    def __init__(self, backbone: Backbone, cfg: DINOConfig) -> None:
+        super().__init__(backbone)
+        if (
+            cfg.local_crops < 0
+            or cfg.student_temp <= 0
+            or min(cfg.teacher_temp, cfg.warmup_teacher_temp) <= 0
+        ):
+            raise RecipeError("objective: local_crops must be >= 0 and the temperatures positive")
+        if len(cfg.global_scale) != 2 or len(cfg.local_scale) != 2:
+            raise RecipeError("objective.global_scale and local_scale are [min, max] area fractions")
+        self.cfg = cfg
+        self.head = DINOHead(backbone.embed_dim, cfg)
+        self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))
+        patch, size = backbone.patch_size, backbone.grid_size[0] * backbone.patch_size
+        local_size = cfg.local_size or max(round(size * 96 / 224 / patch), 1) * patch
+        self.spec = ViewSpec(
+            kind="contrastive",
+            global_views=2,
+            local_views=cfg.local_crops,
+            local_size=local_size,
+            global_scale=(cfg.global_scale[0], cfg.global_scale[1]),
+            local_scale=(cfg.local_scale[0], cfg.local_scale[1]),
+        )
+        self.teacher_temp = cfg.warmup_teacher_temp
+        self.epoch = 0.0
+        self._center_sum: Tensor | None = None  # teacher outputs recorded since the last update
+        self._center_count = 0
+
+    def views(self) -> ViewSpec:
+        return self.spec
+
+    def train(self, mode: bool = True) -> DINO:
+        super().train(mode)
+        self.teacher_backbone.train(False)  # no drop-path in the teacher, as the official code
+        return self
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+
+    def ema_momentum(self, step: int, total_steps: int) -> float:
+        return cosine_momentum(self.cfg.momentum, step, total_steps)
+
+    def teacher_temperature(self, epoch: float) -> float:
+        """Linear warm-up from `warmup_teacher_temp` to `teacher_temp`, then constant (sec. 3.1)."""
+        warm = self.cfg.warmup_teacher_temp_epochs
+        if epoch >= warm:
+            return self.cfg.teacher_temp
+        return (
+            self.cfg.warmup_teacher_temp
+            + (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp) * epoch / warm
+        )
+
+    def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        self.epoch = step / max(steps_per_epoch, 1)
+        self.teacher_temp = self.teacher_temperature(self.epoch)
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        views = len(batch.views)
+        globals_ = torch.cat(batch.views[:2])  # (2B, C, H, W)
+        feats = [self.backbone(globals_)]  # (2B, D)
+        if views > 2:  # local crops at their own resolution: fewer tokens, less memory
+            feats.append(self.backbone(torch.cat(batch.views[2:])))  # (L*B, D)
+        student = self.head(torch.cat(feats))  # ((2 + L) * B, K)
+        with torch.no_grad():
+            teacher = self.teacher_head(self.teacher_backbone(globals_))  # (2B, K)
+        if self.training:  # recorded here, applied in after_optimizer_step
+            total = teacher.float().sum(dim=0, keepdim=True)
+            self._center_sum = total if self._center_sum is None else self._center_sum + total
+            self._center_count += teacher.shape[0]
+        loss = dino_loss(
+            list(student.chunk(views)),
+            list(teacher.chunk(2)),
+            self.center,
+            self.teacher_temp,
+            self.cfg.student_temp,
+        )
+        return loss, {"teacher_temp": torch.tensor(self.teacher_temp)}
+
+    def after_backward(self) -> None:
+        if self.epoch < self.cfg.freeze_last_layer_epochs:
+            for param in self.head.last_layer.parameters():
+                param.grad = None
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """c <- m * c + (1 - m) * mean of this step's teacher outputs over all processes (eq. 4)."""
+        if self._center_sum is None:
+            return
+        batch_center = all_reduce_mean(self._center_sum / self._center_count)
+        self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1 - self.cfg.center_momentum)
+        self._center_sum, self._center_count = None, 0
