@@ -30,12 +30,15 @@ def fixed_batch(objective: Objective, n: int = 32) -> Batch:
     )
 
 
-def train_steps(objective: Objective, batch: Batch, steps: int, lr: float = 3e-3) -> list[float]:
+def train_steps(
+    objective: Objective, batch: Batch, steps: int, lr: float = 3e-3, track: str | None = None
+) -> list[float]:
+    """The loss after each of `steps` steps (or the log named `track`)."""
     opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     losses = []
     for step in range(steps):
         objective.set_progress(step, steps, steps)
-        loss, _ = objective(batch)
+        loss, logs = objective(batch)
         opt.zero_grad()
         loss.backward()
         objective.after_backward()
@@ -43,7 +46,7 @@ def train_steps(objective: Objective, batch: Batch, steps: int, lr: float = 3e-3
         if objective.ema_pairs():
             ema_update(objective.ema_pairs(), objective.ema_momentum(step, steps))
         objective.after_optimizer_step()
-        losses.append(float(loss.detach()))
+        losses.append(float((logs[track] if track else loss).detach()))
     return losses
 
 
@@ -52,17 +55,19 @@ def train_steps(objective: Objective, batch: Batch, steps: int, lr: float = 3e-3
 # - mpp: its first loss is ~log 8 (uniform over 8 grey levels) and the targets' marginal on this batch
 #   is nearly as flat (1.98 nats), so nearly all of the fall must come from inpainting from the
 #   visible patches; the tiny model gets to 0.8 by step 50 and to 0.7 only by step ~150.
-# - dino: its loss is H(P_t) + KL(P_t || P_s), and H(P_t) belongs to an EMA teacher (momentum 0.996)
-#   that moves under 20% of the way to the student in 50 steps while centring keeps P_t near uniform
-#   (measured 0.91). test_objective_math checks that the KL part halves with the teacher held still.
-MAX_FRACTION = {"mpp": 0.85, "dino": 0.95}
+MAX_FRACTION = {"mpp": 0.85}
+# dino's loss is H(P_t) + KL(P_t || P_s); H(P_t) belongs to an EMA teacher (momentum 0.996) that moves
+# under 20% of the way to the student in 50 steps while centring keeps P_t near uniform, so the total
+# barely moves (0.91-1.0 of its start, depending on the augmentation draw). What the student learns is
+# the KL part, which it logs: that must fall like any other loss (measured 0.38-0.45 over 3 seeds).
+TRACK = {"dino": "kl"}
 
 
 @pytest.mark.parametrize("name", objectives.names())
 def test_overfits_a_fixed_batch(name: str) -> None:
     torch.manual_seed(0)
     objective = make(name)
-    losses = train_steps(objective, fixed_batch(objective), steps=50)
+    losses = train_steps(objective, fixed_batch(objective), steps=50, track=TRACK.get(name))
     assert all(torch.isfinite(torch.tensor(losses)))
     fraction = MAX_FRACTION.get(name, 0.7)
     assert min(losses[-5:]) < fraction * losses[0], f"{name}: {losses[0]:.3f} -> {losses[-5:]}"

@@ -85,6 +85,17 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))  # (B, D) -> (B, K)
 
 
+def teacher_entropy(teacher: list[Tensor], center: Tensor, teacher_temp: float) -> Tensor:
+    """Mean entropy H(P_t) of the centred, sharpened teacher outputs.
+
+    Caron et al. (sec. 5.3) split the loss as H(P_t, P_s) = H(P_t) + KL(P_t || P_s) to watch for
+    collapse: uniform collapse drives H(P_t) to log K, one-hot collapse drives it to 0, and in both
+    KL goes to 0. Logged, never trained on.
+    """
+    probs = [F.softmax((t.float() - center) / teacher_temp, dim=-1) for t in teacher]
+    return torch.stack([-(q * torch.log(q.clamp_min(1e-12))).sum(-1).mean() for q in probs]).mean()
+
+
 def dino_loss(
     student: list[Tensor], teacher: list[Tensor], center: Tensor, teacher_temp: float, student_temp: float
 ) -> Tensor:
@@ -198,7 +209,15 @@ class DINO(Objective):
             self.teacher_temp,
             self.cfg.student_temp,
         )
-        return loss, {"teacher_temp": torch.tensor(self.teacher_temp)}
+        # Each teacher view meets the same number of student views, so the pair mean of H(P_t, P_s)
+        # minus the mean teacher entropy is the pair mean of KL(P_t || P_s).
+        entropy = teacher_entropy(list(teacher.chunk(2)), self.center, self.teacher_temp)
+        logs = {
+            "teacher_temp": torch.tensor(self.teacher_temp),
+            "teacher_entropy": entropy,
+            "kl": loss.detach() - entropy,
+        }
+        return loss, logs
 
     def after_backward(self) -> None:
         if self.epoch < self.cfg.freeze_last_layer_epochs:
