@@ -11,8 +11,8 @@ batch size and worker count; no webdataset. After a warm-up epoch each, the two 
 
 Memory: peak resident anonymous memory (heap, tensors) of the process tree in each tenth of a
 resampled stream of 10x the data set. Flat means the second half peaks no higher than the first.
-(In the first passes each worker's heap grows by a bounded amount as glibc raises its mmap threshold
-and keeps freed image buffers; with MALLOC_MMAP_THRESHOLD_=131072 even that rise disappears.)
+(Batches stacked on the heap instead of in shared memory made each worker's heap rise by ~200 MiB
+over the first passes, glibc keeping freed buffers, before levelling off.)
 Results go to JSON with the machine's description; timings on a shared machine are noisy.
 """
 
