@@ -138,6 +138,7 @@ def test_pickle_payload_is_never_unpickled(tmp_path: Path) -> None:
     loader = build_loader([str(shard)], 8, identity_views, 1, 1, 0, num_workers=0, rank=0, world=1)
     assert sorted(labels_of(loader)) == [0, 1, 2, 4, 6, 7]
     assert skip_counts()["pickle_payload"] == 2 and not marker.exists()
+    assert loader.skip_counts() == skip_counts()  # what the engine reads, through the loader
     strict = build_loader(
         [str(shard)], 8, identity_views, 1, 1, 0, num_workers=1, strict=True, rank=0, world=1
     )

@@ -31,10 +31,10 @@ import torch
 import webdataset as wds
 from accelerate import PartialState
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from ssl_vit.data.safety import BadSample, SkipCounter, decode_sample, record
+from ssl_vit.data.safety import BadSample, SkipCounter, decode_sample, record, skip_counts
 from ssl_vit.errors import DataError
 from ssl_vit.types import Batch
 
@@ -85,8 +85,12 @@ class Failure:
 
 
 def collate(items: list[tuple[list[Tensor], int]]) -> Batch:
-    """[(views, label)] -> Batch with views[i] of shape (B, C, H_i, W_i)."""
-    views = [torch.stack([views[i] for views, _ in items]) for i in range(len(items[0][0]))]
+    """[(views, label)] -> Batch with views[i] of shape (B, C, H_i, W_i).
+
+    `default_collate` stacks straight into shared memory inside a worker, saving the copy that
+    sending a batch to the main process would otherwise make.
+    """
+    views = [default_collate([views[i] for views, _ in items]) for i in range(len(items[0][0]))]
     return Batch(views=views, labels=torch.tensor([label for _, label in items], dtype=torch.long))
 
 
@@ -222,6 +226,11 @@ class StreamLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_counts(self) -> dict[str, int]:
+        """Bad samples skipped so far in this process, per reason (for the engine's metrics, which
+        may not import `ssl_vit.data`)."""
+        return skip_counts()
 
     def __iter__(self) -> Iterator[Batch]:
         self.stream.epoch = self.epoch
