@@ -94,8 +94,10 @@ def main() -> None:
             else:
                 run = args.out / f"{args.data}-{name}-s{seed}"
                 pretrain(f"{args.data}/{name}", [f"seed={seed}", *args.overrides], run, quiet=True)
-                model = load_eval_model(run / "backbone", load_recipe(run / "recipe.yaml").data.train)
-                top1 = knn_top1(*split_features(model, "train"), *split_features(model, "test"))
+                recipe = load_recipe(run / "recipe.yaml")
+                model = load_eval_model(run / "backbone", recipe.data.train)
+                kind = recipe.eval.feature  # the recipe's own feature (MPP: mean patch token)
+                top1 = knn_top1(*split_features(model, "train", kind), *split_features(model, "test", kind))
             rows.append(
                 {"objective": name, "seed": seed, "knn_top1": top1, "seconds": time.perf_counter() - start}
             )
