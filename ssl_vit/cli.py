@@ -418,7 +418,12 @@ def demo(data: str, steps_scale: float, out: Path, quiet: bool) -> list[dict[str
     finetune_cfg = FinetuneConfig(steps=max(1, round(DEMO_FINETUNE_STEPS * steps_scale)))
     if not quiet:
         print(f"comparing {len(runs)} backbone(s) and 2 baselines (k-NN, 10-shot, linear probe, fine-tune)")
-    return compare_runs(runs, out / "compare", protocol, finetune_cfg, out / "cache")
+    rows = compare_runs(runs, out / "compare", protocol, finetune_cfg, out / "cache")
+    from ssl_vit.figures import write_compare_figures
+
+    # PCA, not t-SNE: seven maps by t-SNE would cost the demo about a minute on two cores.
+    write_compare_figures(runs, out / "compare" / "figures", method="pca")
+    return rows
 
 
 # ---------------------------------------------------------------- commands
@@ -702,6 +707,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     print(format_table(rows))
     report = args.out / "compare"
     print(f"report: {report / 'report.md'}; charts: {report / 'compare.png'}, {report / 'compute.png'}")
+    print(f"figures: {report / 'figures'} (training curves, embedding maps)")
     print(
         f"backbones: {args.out}/<objective>/backbone (timm.create_model('local-dir:<folder>', pretrained=True))"
     )

@@ -88,3 +88,4 @@ def test_demo_on_digits_at_a_tiny_budget(
     assert [r["objective"] for r in rows] == ["raw_pixels", "random_init", *pretrained]
     assert all(r["finetune_top1"] is not None and r["lowshot_top1"] is not None for r in rows[2:])
     assert (tmp_path / "supervised" / "backbone" / "config.json").is_file()
+    assert {"curves.png", "embedding.png"} <= {p.name for p in (tmp_path / "compare" / "figures").iterdir()}
