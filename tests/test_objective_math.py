@@ -355,3 +355,16 @@ def test_dino_student_fits_a_fixed_teacher() -> None:
         opt.step()
         kl.append(loss.item() - float(entropy))
     assert kl[0] > 0.05 and kl[-1] < 0.5 * kl[0], kl
+
+
+def test_dino_weight_normalised_last_layer() -> None:
+    from ssl_vit.objectives.dino import WeightNormLinear
+
+    layer = WeightNormLinear(6, 5, fix_norm=False)
+    with torch.no_grad():
+        layer.g.copy_(torch.rand(5, 1) + 0.5)
+    x = torch.randn(3, 6)
+    weight = torch.stack([layer.g[k, 0] * layer.v[k] / layer.v[k].norm() for k in range(5)])
+    assert torch.allclose(layer(x), x @ weight.T, atol=1e-6)
+    fixed = WeightNormLinear(6, 5, fix_norm=True)
+    assert [n for n, _ in fixed.named_parameters()] == ["v"] and torch.equal(fixed.g, torch.ones(5, 1))

@@ -67,7 +67,10 @@ class WeightNormLinear(nn.Module):
             self.g = nn.Parameter(g)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.g * F.normalize(self.v, dim=1))  # (B, K)
+        # x @ (g * v / ||v||).T, scaling the (B, K) output instead of the (K, d) weight: with K = 65536
+        # the normalised weight would cost more memory passes than the matmul itself at small batches.
+        scale = self.g.squeeze(1) / self.v.norm(dim=1).clamp_min(1e-12)  # (K,)
+        return F.linear(x, self.v) * scale.to(x.dtype)  # (B, K)
 
 
 class DINOHead(nn.Module):
