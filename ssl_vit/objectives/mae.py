@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
@@ -28,6 +30,26 @@ class MAEConfig:
     decoder_mlp_ratio: float = 4.0
     decoder_pos_embed: str = "sincos"  # sincos (fixed, as the paper) | learned
     norm_pix_loss: bool = True
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, the ViT block that MAE's decoder stacks (timm's `Block` layout)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        qkv = rearrange(self.qkv(self.norm1(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, D/H)
+        x = x + self.proj(rearrange(attn, "b h n d -> b n (h d)"))  # (B, N, D)
+        return x + self.mlp(self.norm2(x))
 
 
 def random_masking(
@@ -86,12 +108,8 @@ class MAE(Objective):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         learned = cfg.decoder_pos_embed == "learned"
         self.decoder_pos = nn.Parameter(torch.zeros(1, prefix + n, dim), requires_grad=learned)
-        layer = dict(dropout=0.0, activation="gelu", batch_first=True, norm_first=True, layer_norm_eps=1e-6)
         self.decoder = nn.Sequential(
-            *[
-                nn.TransformerEncoderLayer(dim, cfg.decoder_heads, int(dim * cfg.decoder_mlp_ratio), **layer)  # type: ignore[arg-type]
-                for _ in range(cfg.decoder_depth)
-            ]
+            *[Block(dim, cfg.decoder_heads, cfg.decoder_mlp_ratio) for _ in range(cfg.decoder_depth)]
         )
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dim, patch_dim)
