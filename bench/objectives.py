@@ -50,7 +50,8 @@ def blocks_macs(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> fl
 def backbone_macs(bb: Backbone, patches: int) -> float:
     """Patch embedding plus the blocks on `patches` patch tokens and the prefix tokens."""
     vit = bb.vit
-    mlp_ratio = vit.blocks[0].mlp.fc1.out_features / bb.embed_dim
+    fc1: torch.nn.Linear = vit.blocks[0].mlp.fc1  # type: ignore[index,union-attr,assignment]
+    mlp_ratio = fc1.out_features / bb.embed_dim
     embed = patches * bb.patch_size**2 * bb.in_chans * bb.embed_dim
     return embed + blocks_macs(patches + bb.num_prefix_tokens, bb.embed_dim, len(vit.blocks), mlp_ratio)
 
@@ -114,7 +115,7 @@ class Trainer:
     def __init__(self, obj: Any, batch: Batch, bf16: bool, device: torch.device) -> None:
         self.obj, self.batch, self.bf16, self.device = obj, batch, bf16, device
         params = [p for p in obj.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+        self.opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the engine (ssl_vit.optim.adamw)
         obj.train()
 
     def step(self) -> tuple[float, float]:

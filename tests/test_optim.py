@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from ssl_vit.objectives import build
-from ssl_vit.optim import backbone_depth, cosine_schedule, param_groups, scaled_lr, vit_layer_id
+from ssl_vit.optim import adamw, backbone_depth, cosine_schedule, param_groups, scaled_lr, vit_layer_id
 from tests.conftest import tiny_model_config
 
 
@@ -113,3 +115,23 @@ def test_param_groups_feed_adamw_and_the_linear_lr_rule() -> None:
         2.4e-3
     )  # MAE pretraining: base lr 1.5e-4 at batch 4096
     assert scaled_lr(1e-3, 4096, "none") == 1e-3
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_reference() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    reference = copy.deepcopy(model)
+    groups = param_groups(model, weight_decay=0.05)
+    opt = adamw(groups, lr=1e-2, betas=(0.9, 0.95))
+    ref_opt = torch.optim.AdamW(
+        param_groups(reference, weight_decay=0.05), lr=1e-2, betas=(0.9, 0.95), foreach=False
+    )  # type: ignore[arg-type]
+    assert opt.defaults["fused"] is True
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -36,7 +36,7 @@ from ssl_vit.engine.step import StepResult, train_step
 from ssl_vit.engine.stream import BatchStream
 from ssl_vit.errors import TrainingError
 from ssl_vit.objectives.base import Objective
-from ssl_vit.optim import cosine_schedule, param_groups
+from ssl_vit.optim import adamw, cosine_schedule, param_groups
 from ssl_vit.types import Batch
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def fit(
     plan = make_plan(accelerator, stream, optim, train)
     if optimizer is None:  # a caller's own keeps its groups (fine-tuning: timm's layer-decay factory)
         groups = param_groups(objective, optim.weight_decay, objective.no_weight_decay(), optim.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=(optim.betas[0], optim.betas[1]))  # type: ignore[arg-type]
+        optimizer = adamw(groups, plan.lr, (optim.betas[0], optim.betas[1]))
     model, optimizer = accelerator.prepare(objective, optimizer)
     inner: Objective = accelerator.unwrap_model(model)
     pairs = inner.ema_pairs()
