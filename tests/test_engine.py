@@ -383,3 +383,20 @@ def test_bf16_on_cuda_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
     got = records(out)
     assert [r["step"] for r in got] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in got)
     assert got[-1]["peak_mem_mb"] > 0
+
+
+def test_ema_update_matches_the_formula_and_copies_buffers() -> None:
+    from ssl_vit.engine.ema import ema_update
+
+    torch.manual_seed(0)
+    online = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    online[1].running_mean.fill_(0.5)
+    expected = {
+        name: 0.9 * t.detach().clone() + 0.1 * o.detach()
+        for (name, t), (_, o) in zip(teacher.named_parameters(), online.named_parameters(), strict=True)
+    }
+    ema_update([(online, teacher)], momentum=0.9)
+    for name, param in teacher.named_parameters():
+        torch.testing.assert_close(param, expected[name])
+    torch.testing.assert_close(teacher[1].running_mean, torch.full((3,), 0.5))

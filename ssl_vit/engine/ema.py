@@ -36,11 +36,20 @@ def check_pairs(objective: nn.Module, pairs: Pairs) -> None:
 
 @torch.no_grad()
 def ema_update(pairs: Pairs, momentum: float) -> None:
-    """Update every teacher parameter in place; buffers (e.g. norms' running stats) are copied."""
+    """Update every teacher parameter in place; buffers (e.g. norms' running stats) are copied.
+
+    One multi-tensor `lerp` over all parameters (as timm's `ModelEmaV3`), not one kernel per tensor:
+    MoCo v3 and DINO update as many teacher parameters as they train, every step.
+    """
+    teachers: list[torch.Tensor] = []
+    onlines: list[torch.Tensor] = []
     for online, teacher in pairs:
         online_params = dict(online.named_parameters())
         for name, t_param in teacher.named_parameters():
-            t_param.lerp_(online_params[name].detach().to(t_param.dtype), 1.0 - momentum)
+            teachers.append(t_param)
+            onlines.append(online_params[name].detach().to(t_param.dtype))
         online_buffers = dict(online.named_buffers())
         for name, t_buf in teacher.named_buffers():
             t_buf.copy_(online_buffers[name])
+    if teachers:
+        torch._foreach_lerp_(teachers, onlines, 1.0 - momentum)
