@@ -54,7 +54,7 @@ class Protocol:
     shots: int = 10  # K of the low-shot probe; 0 turns it off
     seeds: int = 3  # low-shot draws, and fine-tune runs, per input
     finetune_seeds: int | None = None  # fine-tune runs per input (default: `seeds`)
-    feature: str = "cls"
+    feature: str | None = None  # None: each model's own (its recipe's eval.feature)
     knn_k: list[int] = field(default_factory=lambda: [20])
     knn_temperature: float = 0.07
     probe_method: str = "auto"
@@ -124,8 +124,9 @@ def evaluate(
     finetune_fn: FinetuneFn | None,
 ) -> dict[str, list[float]]:
     """Every protocol on one backbone; per-input results also go to `RUN_DIR/eval/compare.json`."""
-    train = split_features(model, "train", protocol.feature, protocol.batch_size, cache_dir)
-    test = split_features(model, "test", protocol.feature, protocol.batch_size, cache_dir)
+    feature = protocol.feature or model.feature
+    train = split_features(model, "train", feature, protocol.batch_size, cache_dir)
+    test = split_features(model, "test", feature, protocol.batch_size, cache_dir)
     scores, details = score_features(train, test, protocol)
     if protocol.finetune:
         if finetune_fn is None:
@@ -136,7 +137,7 @@ def evaluate(
             finetune_fn(model, seed, out / "finetune" / f"{slug}-seed{seed}") for seed in range(max(runs, 1))
         ]
         details["finetune_top1"] = scores["finetune_top1"]
-    save_result(model, "compare", {"feature": protocol.feature, **details})
+    save_result(model, "compare", {"feature": feature, **details})
     return scores
 
 
@@ -249,5 +250,6 @@ def compare(
     for entry in entries:
         groups.setdefault(entry.group, []).append(entry)
     rows = [aggregate(group, protocol.shots) for group in groups.values()]
-    write_report(rows, out, {**asdict(protocol), "data": data, **(settings or {})})
+    feature = protocol.feature or "each recipe's eval.feature"
+    write_report(rows, out, {**asdict(protocol), "feature": feature, "data": data, **(settings or {})})
     return rows

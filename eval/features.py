@@ -54,6 +54,7 @@ class EvalModel:
     objective: str = "unknown"
     source: Path | None = None  # the run directory or folder it was loaded from
     info: dict[str, Any] = field(default_factory=dict)  # `ssl_vit` block of the export's config.json
+    feature: str = "cls"  # the recipe's `eval.feature`: what the objective trains (MPP: patch tokens)
 
     @property
     def run_dir(self) -> Path | None:
@@ -81,6 +82,7 @@ def load_eval_model(path: Path, data: str | None = None) -> EvalModel:
         objective=recipe.get("objective", {}).get("name") or ours.get("objective") or "unknown",
         source=path,
         info=ours,
+        feature=recipe.get("eval", {}).get("feature") or ours.get("feature") or "cls",
     )
 
 
@@ -97,6 +99,7 @@ def random_init_model(model: EvalModel, seed: int = 0) -> EvalModel:
         model.data,
         "random init",
         "random_init",
+        feature=model.feature,
     )
 
 

@@ -190,6 +190,17 @@ def pretrain(
     return run_dir
 
 
+def _export_info(recipe: Any, run_dir: Path, weights: str) -> dict[str, Any]:
+    """What an export records of its run, for evaluators and the model card."""
+    return {
+        "objective": recipe.objective["name"],
+        "weights": weights,
+        "run_dir": str(run_dir),
+        "data": recipe.data.train,
+        "feature": recipe.eval.feature,  # what the evaluators pool by default
+    }
+
+
 def _export_from_objective(
     objective: Any,
     out: Path,
@@ -202,12 +213,7 @@ def _export_from_objective(
 
     weights = default_weights(recipe.objective["name"])
     backbone = _teacher_backbone(objective) if weights == "teacher" else objective.backbone
-    extra = {
-        "objective": recipe.objective["name"],
-        "weights": weights,
-        "run_dir": str(run_dir),
-        "data": recipe.data.train,
-    }
+    extra = _export_info(recipe, run_dir, weights)
     if seconds is not None:
         extra.update(pretrain_seconds=seconds, images_seen=images)
     return export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
@@ -273,12 +279,7 @@ def export(
             result.max_abs_diff,
         )
         return result.path
-    extra = {
-        "objective": recipe.objective["name"],
-        "weights": weights,
-        "run_dir": str(run_dir),
-        "checkpoint": ckpts[-1].name,
-    }
+    extra = {**_export_info(recipe, run_dir, weights), "checkpoint": ckpts[-1].name}
     folder = export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
     write_model_card(folder, run_dir, weights, license_id)
     return folder
@@ -291,18 +292,20 @@ def _cache_dir(no_cache: bool, cache_dir: Path | None) -> Path | None:
     return None if no_cache else cache_dir or default_cache_dir()
 
 
-def _features(path: Path, data: str | None, feature: str, cache_dir: Path | None) -> Any:
+def _features(path: Path, data: str | None, feature: str | None, cache_dir: Path | None) -> Any:
+    """The model, its train and test features, and the feature kind (default: the recipe's)."""
     from ssl_vit.eval.features import load_eval_model, split_features
 
     model = load_eval_model(path, data)
+    feature = feature or model.feature
     train = split_features(model, "train", feature, cache_dir=cache_dir)
-    return model, train, split_features(model, "test", feature, cache_dir=cache_dir)
+    return model, train, split_features(model, "test", feature, cache_dir=cache_dir), feature
 
 
 def probe(
     path: Path,
     data: str | None,
-    feature: str,
+    feature: str | None,
     shots: int = 0,
     seeds: int = 5,
     method: str = "auto",
@@ -312,7 +315,7 @@ def probe(
     from ssl_vit.eval.features import save_result
     from ssl_vit.eval.linear_probe import linear_probe, lowshot_probe
 
-    model, train, test = _features(path, data, feature, cache_dir)
+    model, train, test, feature = _features(path, data, feature, cache_dir)
     if shots:
         result = lowshot_probe(*train, *test, shots, seeds)
     else:
@@ -323,12 +326,17 @@ def probe(
 
 
 def knn(
-    path: Path, data: str | None, feature: str, ks: Sequence[int], temperature: float, cache_dir: Path | None
+    path: Path,
+    data: str | None,
+    feature: str | None,
+    ks: Sequence[int],
+    temperature: float,
+    cache_dir: Path | None,
 ) -> dict[str, Any]:
     from ssl_vit.eval.features import save_result
     from ssl_vit.eval.knn import knn_classify
 
-    model, train, test = _features(path, data, feature, cache_dir)
+    model, train, test, feature = _features(path, data, feature, cache_dir)
     result = knn_classify(*train, *test, ks, temperature)
     result.update(data=model.data, feature=feature, model=str(path))
     save_result(model, "knn", result)
@@ -471,9 +479,9 @@ def _add_eval_args(p: Any) -> None:
     p.add_argument("--data", help="data to evaluate on (default: the run's data.train, else digits)")
     p.add_argument(
         "--feature",
-        default="cls",
         choices=FEATURE_KINDS,
-        help="pooled token (cls), mean of patch tokens (avg), CLS of the last 4 blocks (cls4)",
+        help="pooled token (cls), mean of patch tokens (avg), CLS of the last 4 blocks (cls4); "
+        "default: the run's recipe eval.feature, else cls",
     )
     p.add_argument(
         "--cache-dir",

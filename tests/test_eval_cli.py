@@ -39,6 +39,27 @@ def test_knn_and_lowshot_probe_json(run: Path, tmp_path: Path, capsys: pytest.Ca
     assert (run / "eval" / "lowshot_5.json").is_file()
 
 
+def test_evaluators_pool_by_the_recipes_eval_feature(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MPP trains patch tokens, not CLS: a run whose recipe says `eval.feature=avg` is scored on avg
+    by knn, probe and compare (and in its export), unless --feature says otherwise."""
+    run = tmp_path / "avg-run"
+    overrides = [*TINY, "train.max_steps=1", "eval.feature=avg"]
+    assert main(["pretrain", "digits/supervised", *overrides, "--out", str(run), "--quiet"]) == 0
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    assert main(["knn", str(run), "--json", *cache]) == 0
+    avg = last_json(capsys)
+    assert avg["feature"] == "avg"
+    assert main(["knn", str(run / "backbone"), "--json", *cache]) == 0  # the export remembers it
+    assert last_json(capsys)["feature"] == "avg"
+    assert main(["knn", str(run), "--feature", "cls4", "--json", *cache]) == 0
+    cls4 = last_json(capsys)
+    assert cls4["feature"] == "cls4" and cls4["dim"] == 2 * avg["dim"]  # CLS of both blocks
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp"), "--knn", *cache]) == 0
+    assert json.loads((run / "eval" / "compare.json").read_text())["feature"] == "avg"
+
+
 def test_finetune_json_writes_into_the_run(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["finetune", str(run), "--steps", "2", "--batch-size", "16", "--json"]) == 0
     result = last_json(capsys)

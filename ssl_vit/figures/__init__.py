@@ -144,7 +144,7 @@ def _test_features(model: EvalModel, seed: int) -> tuple[np.ndarray, np.ndarray]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone = model.backbone.to(device)
     try:
-        feats = extract(backbone, normalise(images[idx], model.mean, model.std))
+        feats = extract(backbone, normalise(images[idx], model.mean, model.std), kind=model.feature)
     finally:
         backbone.cpu()
     return feats, labels[idx].numpy()
