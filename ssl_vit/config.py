@@ -60,6 +60,10 @@ class DataConfig:
     strict: bool = False
     cache_dir: str | None = None
     aug_strength: float = 1.0
+    # brightness, contrast, saturation, hue of contrastive views' colour jitter, times aug_strength;
+    # None: BYOL/MoCo v3's 0.4, 0.4, 0.2, 0.1. Hue 0.5 spins the whole colour wheel, for data whose
+    # colours carry no class (shapes).
+    color_jitter: list[float] | None = None
     hflip: bool = True  # off for data where mirroring changes the class (digits)
     crop_scale: float | None = None  # smallest crop area of global views (None: the objective's own)
     samples_per_epoch: int | None = None

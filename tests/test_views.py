@@ -88,3 +88,25 @@ def test_eval_transform_and_bad_recipes() -> None:
         MultiView(ViewSpec(), 16, 3, [0.5], [0.5])
     with pytest.raises(RecipeError, match="unknown view kind"):
         view_transform("nope", 16, (0.3, 1.0), 1, [0.5], [0.5])
+
+
+def test_color_jitter_hue_half_spins_the_colour_wheel() -> None:
+    """`data.color_jitter` hue 0.5 turns a red square green or blue in many views; BYOL's 0.1 never does."""
+    red = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    red[0] = 200
+    spec = ViewSpec(kind="contrastive", global_views=1)
+
+    def not_red(jitter: list[float] | None) -> float:
+        torch.manual_seed(0)
+        views = MultiView(spec, 16, 3, [0.0] * 3, [1.0] * 3, color_jitter=jitter)
+        means = torch.stack([views(red)[0].mean(dim=(1, 2)) for _ in range(200)])  # (200, 3)
+        return float((means[:, 1:].max(dim=1).values > means[:, 0] + 0.05).float().mean())
+
+    assert not_red(None) == 0.0
+    assert not_red([0.0, 0.0, 0.0, 0.5]) > 0.3
+
+
+@pytest.mark.parametrize("jitter", [[0.4, 0.4, 0.2], [0.4, 0.4, 0.2, 0.6], [-0.1, 0.4, 0.2, 0.1]])
+def test_bad_color_jitter_is_a_recipe_error(jitter: list[float]) -> None:
+    with pytest.raises(RecipeError, match="data.color_jitter"):
+        MultiView(ViewSpec(kind="contrastive"), 16, 3, [0.5] * 3, [0.5] * 3, color_jitter=jitter)

@@ -107,7 +107,15 @@ def train_loader(
         log.info("no manifest.json beside %s: counting its samples", cfg.train)
         count, _ = scan(shards.urls)
     views = MultiView(
-        spec, img_size, in_chans, cfg.mean, cfg.std, cfg.aug_strength, cfg.hflip, cfg.crop_scale
+        spec,
+        img_size,
+        in_chans,
+        cfg.mean,
+        cfg.std,
+        cfg.aug_strength,
+        cfg.hflip,
+        cfg.crop_scale,
+        cfg.color_jitter,
     )
     return build_loader(
         shards.urls,

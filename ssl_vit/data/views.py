@@ -28,7 +28,28 @@ def _blur_kernel(size: int) -> int:
     return max(3, (size // 10) // 2 * 2 + 1)
 
 
-def _colour(strength: float, in_chans: int, size: int, solarize: float, blur: float) -> list[Transform]:
+BYOL_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (Grill et al. 2020, B)
+
+
+def check_jitter(jitter: Sequence[float]) -> tuple[float, float, float, float]:
+    """`data.color_jitter`: four non-negative values, hue at most 0.5 (half the colour wheel)."""
+    if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+        raise RecipeError(
+            "data.color_jitter needs [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5, "
+            f"got {list(jitter)}"
+        )
+    b, c, s, h = (float(v) for v in jitter)
+    return b, c, s, h
+
+
+def _colour(
+    strength: float,
+    in_chans: int,
+    size: int,
+    solarize: float,
+    blur: float,
+    jitter: Sequence[float] = BYOL_JITTER,
+) -> list[Transform]:
     """SimCLR/BYOL colour distortion; on one channel, the parts that mean something there.
 
     Grayscale data (digits) keeps brightness/contrast jitter, blur and solarize; saturation, hue and
@@ -36,13 +57,9 @@ def _colour(strength: float, in_chans: int, size: int, solarize: float, blur: fl
     """
     if strength <= 0:
         return []
-    s = strength
-    jitter = (
-        v2.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)
-        if in_chans == 3
-        else v2.ColorJitter(0.4 * s, 0.4 * s)
-    )
-    steps: list[Transform] = [v2.RandomApply([jitter], p=0.8)]
+    b, c, s, h = (v * strength for v in jitter)
+    colour = v2.ColorJitter(b, c, s, min(h, 0.5)) if in_chans == 3 else v2.ColorJitter(b, c)
+    steps: list[Transform] = [v2.RandomApply([colour], p=0.8)]
     if in_chans == 3:
         steps.append(v2.RandomGrayscale(p=0.2))
     steps.append(v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=blur))
@@ -62,6 +79,7 @@ def view_transform(
     second_view: bool = False,
     hflip: bool = True,
     local: bool = False,
+    jitter: Sequence[float] = BYOL_JITTER,
 ) -> Transform:
     """One augmentation pipeline: (C, H, W) uint8 or float in [0, 1] -> (C, size, size) float, normalised.
 
@@ -80,7 +98,7 @@ def view_transform(
         # BYOL / MoCo v3 / DINO asymmetry (Grill et al. 2020, Table 6): view 1 always blurred, view 2
         # rarely blurred but sometimes solarized; DINO's local crops blur half the time (Caron et al. 2021).
         blur, solarize = (0.5, 0.0) if local else (0.1, 0.2) if second_view else (1.0, 0.0)
-        steps = [crop, *flip, to_float, *_colour(strength, in_chans, size, solarize, blur)]
+        steps = [crop, *flip, to_float, *_colour(strength, in_chans, size, solarize, blur, jitter)]
     else:
         raise RecipeError(f"unknown view kind '{kind}' (supervised, masked, contrastive, eval)")
     steps.append(v2.Normalize(list(mean), list(std)))
@@ -100,14 +118,18 @@ class MultiView:
         strength: float = 1.0,
         hflip: bool = True,
         crop_scale: float | None = None,
+        color_jitter: Sequence[float] | None = None,
     ) -> None:
         if len(mean) != in_chans or len(std) != in_chans:
             raise RecipeError(
                 f"data.mean/std need {in_chans} values (model.in_chans), got {len(mean)}/{len(std)}"
             )
         global_scale = (crop_scale, spec.global_scale[1]) if crop_scale is not None else spec.global_scale
+        jitter = BYOL_JITTER if color_jitter is None else check_jitter(color_jitter)
         self.transforms: list[Transform] = [
-            view_transform(spec.kind, img_size, global_scale, in_chans, mean, std, strength, i == 1, hflip)
+            view_transform(
+                spec.kind, img_size, global_scale, in_chans, mean, std, strength, i == 1, hflip, jitter=jitter
+            )
             for i in range(spec.global_views)
         ]
         local_size = spec.local_size or max(img_size // 2, 1)
@@ -122,6 +144,7 @@ class MultiView:
                 strength,
                 hflip=hflip,
                 local=True,
+                jitter=jitter,
             )
             for _ in range(spec.local_views)
         ]
