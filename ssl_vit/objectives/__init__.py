@@ -62,3 +62,17 @@ def build(section: dict[str, Any], backbone: Backbone, **context: Any) -> Object
 
 
 __all__ = ["Objective", "build", "get", "names", "register"]
+
+
+def from_recipe(recipe: Any, backbone: Backbone) -> Objective:
+    """The recipe's objective, with what it may need from the data filled in: the class count
+    (supervised) and the input normalisation (MPP's colour targets are in un-normalised pixels)."""
+    from ssl_vit.data import class_names  # the data layer imports objectives' types: import late
+
+    return build(
+        recipe.objective,
+        backbone,
+        num_classes=len(class_names(recipe.data.train)),
+        pixel_mean=recipe.data.mean,
+        pixel_std=recipe.data.std,
+    )
