@@ -27,7 +27,7 @@ import torch
 from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import load_recipe
-from ssl_vit.data import train_loader
+from ssl_vit.data import class_names, train_loader
 from ssl_vit.engine.loop import fit
 from ssl_vit.optim import cosine_schedule, param_groups
 from ssl_vit.types import Batch
@@ -50,7 +50,7 @@ def build(recipe_name: str, overrides: list[str], n_batches: int) -> tuple[Any, 
     recipe = load_recipe(recipe_name, overrides)
     torch.manual_seed(recipe.seed)
     backbone = Backbone.from_config(recipe.model)
-    objective = objectives.from_recipe(recipe, backbone)
+    objective = objectives.from_recipe(recipe, backbone, len(class_names(recipe.data.train)))
     loader = train_loader(
         recipe.data,
         objective.views(),

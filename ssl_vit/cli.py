@@ -117,7 +117,7 @@ def pretrain(
 
     from ssl_vit import data, objectives
     from ssl_vit.config import save_recipe
-    from ssl_vit.data import train_loader
+    from ssl_vit.data import class_names, train_loader
     from ssl_vit.engine.loop import ensure_writable, fit, processes
     from ssl_vit.model_card import write_model_card
     from ssl_vit.pretrained import backbone_from_config
@@ -128,7 +128,7 @@ def pretrain(
     main = world.is_main_process
     torch.manual_seed(recipe.seed)
     backbone = backbone_from_config(recipe.model)  # applies model.init_from
-    objective = objectives.from_recipe(recipe, backbone)
+    objective = objectives.from_recipe(recipe, backbone, len(class_names(recipe.data.train)))
     spec = objective.views()
     loader = train_loader(
         recipe.data, spec, recipe.model.img_size, recipe.model.in_chans, recipe.train.batch_size, recipe.seed

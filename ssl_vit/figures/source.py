@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import load_recipe
-from ssl_vit.data import load_images
+from ssl_vit.data import class_names, load_images
 from ssl_vit.errors import CheckpointError, SslVitError
 from ssl_vit.eval.features import EvalModel, load_eval_model, normalise
 from ssl_vit.export import is_timm_folder, read_export_config
@@ -53,7 +53,7 @@ def load_objective(run_dir: Path, ckpt: Path) -> tuple[nn.Module, Any]:
     recipe = load_recipe(run_dir / "recipe.yaml")
     torch.manual_seed(recipe.seed)
     backbone = Backbone.from_config(recipe.model)
-    objective = objectives.from_recipe(recipe, backbone)
+    objective = objectives.from_recipe(recipe, backbone, len(class_names(recipe.data.train)))
     try:
         objective.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     except (RuntimeError, OSError) as err:

@@ -64,15 +64,14 @@ def build(section: dict[str, Any], backbone: Backbone, **context: Any) -> Object
 __all__ = ["Objective", "build", "get", "names", "register"]
 
 
-def from_recipe(recipe: Any, backbone: Backbone) -> Objective:
+def from_recipe(recipe: Any, backbone: Backbone, num_classes: int) -> Objective:
     """The recipe's objective, with what it may need from the data filled in: the class count
-    (supervised) and the input normalisation (MPP's colour targets are in un-normalised pixels)."""
-    from ssl_vit.data import class_names  # the data layer imports objectives' types: import late
-
+    (supervised; the caller reads it from the data) and the input normalisation (MPP's colour
+    targets are in un-normalised pixels)."""
     return build(
         recipe.objective,
         backbone,
-        num_classes=len(class_names(recipe.data.train)),
+        num_classes=num_classes,
         pixel_mean=recipe.data.mean,
         pixel_std=recipe.data.std,
     )
