@@ -8,6 +8,7 @@ must beat by 10 points) and raw pixels.
     python bench/quality.py --data digits --seeds 0 1 2 --threads 1
     python bench/quality.py --data shapes --objectives mae simclr --seeds 0 --out runs/quality
     python bench/quality.py --data digits --objectives dino -- train.max_steps=200   # overrides
+    python bench/quality.py --data shapes --colour     # also: how much each feature encodes colour
 
 Writes `<out>/quality-<data>.json` (one row per objective and seed; merged with rows already there,
 so objectives can run as separate processes) and prints a table.
@@ -30,6 +31,7 @@ from ssl_vit.eval.features import (
     load_eval_model,
     raw_pixel_features,
     split_features,
+    split_images,
 )
 from ssl_vit.eval.knn import knn_classify
 
@@ -40,23 +42,30 @@ from ssl_vit.config import load_recipe
 OBJECTIVES = ["supervised", "mpp", "mae", "simclr", "mocov3", "dino"]
 
 
-def knn_top1(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> float:
+Split = tuple[np.ndarray, np.ndarray]
+
+
+def knn_top1(train: Split, test: Split) -> float:
     return float(knn_classify(*train, *test, device=torch.device("cpu"))["top1"])
 
 
-def model_top1(model: EvalModel, kind: str) -> float:
-    return knn_top1(split_features(model, "train", kind), split_features(model, "test", kind))
+def background_colour(data: str, split: str, size: int, chans: int) -> np.ndarray:
+    """Each image's background colour as one of 8 classes (1 bit per RGB channel of the median
+    border pixel): a k-NN on these says how much a feature encodes colour rather than shape."""
+    images, _ = split_images(data, split, size, chans)  # (N, 3, H, W) in [0, 1]
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], -1)
+    bits = (border.median(dim=-1).values > 0.5).long()  # (N, 3)
+    return (bits * torch.tensor([4, 2, 1])).sum(dim=1).numpy()
 
 
-def score(data: str, name: str, seed: int, out: Path, overrides: list[str]) -> float:
-    """Pretrain `data/name` at `seed` (or build a baseline) and return its k-NN top-1."""
-    if name in ("random_init", "raw_pixels"):
-        recipe = load_recipe(f"{data}/supervised")
-        if name == "raw_pixels":
-            size, chans = recipe.model.img_size, recipe.model.in_chans
-            return knn_top1(
-                *(raw_pixel_features(recipe.data.train, s, size, chans) for s in ("train", "test"))
-            )
+def features(data: str, name: str, seed: int, out: Path, overrides: list[str]) -> tuple[Split, Split]:
+    """Train and test features of `data/name` pretrained at `seed`, or of a baseline."""
+    recipe = load_recipe(f"{data}/supervised")
+    if name == "raw_pixels":
+        size, chans = recipe.model.img_size, recipe.model.in_chans
+        train, test = (raw_pixel_features(recipe.data.train, s, size, chans) for s in ("train", "test"))
+        return train, test
+    if name == "random_init":
         backbone = Backbone.from_config(recipe.model)
         backbone.reset_parameters(seed)
         model = EvalModel(
@@ -69,11 +78,13 @@ def score(data: str, name: str, seed: int, out: Path, overrides: list[str]) -> f
             "random init",
             "random_init",
         )
-        return model_top1(model, recipe.eval.feature)
-    run = out / f"{data}-{name}-s{seed}"
-    pretrain(f"{data}/{name}", [f"seed={seed}", *overrides], run, quiet=True)
-    recipe = load_recipe(run / "recipe.yaml")
-    return model_top1(load_eval_model(run / "backbone", recipe.data.train), recipe.eval.feature)
+    else:
+        run = out / f"{data}-{name}-s{seed}"
+        pretrain(f"{data}/{name}", [f"seed={seed}", *overrides], run, quiet=True)
+        recipe = load_recipe(run / "recipe.yaml")
+        model = load_eval_model(run / "backbone", recipe.data.train)
+    kind = recipe.eval.feature  # the recipe's own feature (MPP: mean patch token)
+    return split_features(model, "train", kind), split_features(model, "test", kind)
 
 
 def summarise(rows: list[dict[str, Any]]) -> None:
@@ -93,6 +104,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--no-baselines", action="store_true", help="skip random init and raw pixels")
     parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on a shared machine)")
+    parser.add_argument(
+        "--colour", action="store_true", help="also k-NN on the background colour (8 classes; RGB data)"
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (after --)")
     args = parser.parse_args()
     if args.threads:
@@ -102,16 +116,26 @@ def main() -> None:
     old = json.loads(record_path.read_text())["rows"] if record_path.is_file() else []
     names = args.objectives if args.no_baselines else ["random_init", "raw_pixels", *args.objectives]
     rows: list[dict[str, Any]] = []
+    colour = None
+    if args.colour:
+        model = load_recipe(f"{args.data}/supervised").model
+        if model.in_chans != 3:
+            parser.error("--colour needs RGB data (shapes)")
+        colour = [background_colour(args.data, s, model.img_size, model.in_chans) for s in ("train", "test")]
     for name in names:
         for seed in [0] if name == "raw_pixels" else args.seeds:
             start = time.perf_counter()
-            top1 = score(args.data, name, seed, args.out, args.overrides)
-            rows.append(
-                {"objective": name, "seed": seed, "knn_top1": top1, "seconds": time.perf_counter() - start}
-            )
+            train, test = features(args.data, name, seed, args.out, args.overrides)
+            row: dict[str, Any] = {"objective": name, "seed": seed, "knn_top1": knn_top1(train, test)}
+            note = ""
+            if colour is not None:
+                row["bg_colour_knn_top1"] = knn_top1((train[0], colour[0]), (test[0], colour[1]))
+                note = f", background colour {100 * row['bg_colour_knn_top1']:5.1f}%"
+            row["seconds"] = time.perf_counter() - start
+            rows.append(row)
+            top1 = 100 * row["knn_top1"]
             print(
-                f"{name:<12} seed {seed}: k-NN top-1 {100 * top1:5.1f}%  ({rows[-1]['seconds']:.0f}s)",
-                flush=True,
+                f"{name:<12} seed {seed}: k-NN top-1 {top1:5.1f}%{note}  ({row['seconds']:.0f}s)", flush=True
             )
     new_keys = {(r["objective"], r["seed"]) for r in rows}
     # Another process may have written rows meanwhile: merge with what is on disk now.
