@@ -33,6 +33,7 @@ from ssl_vit.config import ModelConfig, load_recipe
 from ssl_vit.engine.ema import ema_update
 from ssl_vit.types import Batch
 
+DOUBLE_BATCH = "supervised_2x_batch"
 PRESETS = {
     "tiny": ("vit_tiny_patch16_224", 112),
     "b16": ("vit_base_patch16_224", 224),
@@ -176,6 +177,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU")
+    parser.add_argument(
+        "--batch-scaling",
+        action="store_true",
+        help=f"add a row '{DOUBLE_BATCH}': supervised at twice the batch (ideal 2.0), the device's own "
+        "cost of twice the images, to read two-view objectives against",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/objectives.json"))
     args = parser.parse_args()
     if args.threads:
@@ -191,14 +198,22 @@ def main() -> None:
         base.step()
     rows: list[dict[str, Any]] = []
     base_all: list[tuple[float, float]] = []
+    if args.batch_scaling:
+        names = [*names, DOUBLE_BATCH]
     for name in [n for n in names if n != "supervised"]:
-        other = build(name, model_name, img_size, args.batch, args.bf16, device)
+        if name == DOUBLE_BATCH:  # the backbone alone at twice the images: what two views cost here
+            other = build("supervised", model_name, img_size, 2 * args.batch, args.bf16, device)
+        else:
+            other = build(name, model_name, img_size, args.batch, args.bf16, device)
         for _ in range(args.warmup):
             other.step()
         pairs = [(base.step(), other.step()) for _ in range(args.steps)]
         base_all += [b for b, _ in pairs]
         row = summarise(name, [o for _, o in pairs], [b for b, _ in pairs])
-        row["ideal_ratio"] = ideal_macs(name, other.obj) / ideal_macs("supervised", base.obj)
+        macs = (
+            2 * ideal_macs("supervised", other.obj) if name == DOUBLE_BATCH else ideal_macs(name, other.obj)
+        )
+        row["ideal_ratio"] = macs / ideal_macs("supervised", base.obj)
         rows.append(row)
         del other
         print(f"{name:<12} {row['step_s']:.3f} s/step (supervised {row['baseline_s']:.3f})", flush=True)
