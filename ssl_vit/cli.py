@@ -378,7 +378,7 @@ DEMO_STEPS: dict[str, dict[str, int]] = {
     "digits": {"supervised": 300},
     # A fraction of each recipe's budget (the quality figures in BENCHMARKS.md use the full
     # recipes), so that the whole `make demo` stays within about 8 minutes with the install.
-    "shapes": {"supervised": 200, "mpp": 200, "mae": 300, "simclr": 100, "mocov3": 60, "dino": 40},
+    "shapes": {"supervised": 200, "mpp": 200, "mae": 300, "simclr": 80, "mocov3": 50, "dino": 40},
 }
 DEMO_DEFAULT_STEPS = 150
 DEMO_FINETUNE_STEPS = 50
