@@ -31,6 +31,7 @@ from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import ModelConfig, load_recipe
 from ssl_vit.engine.ema import ema_update
+from ssl_vit.optim import adamw
 from ssl_vit.types import Batch
 
 DOUBLE_BATCH = "supervised_2x_batch"
@@ -116,7 +117,7 @@ class Trainer:
     def __init__(self, obj: Any, batch: Batch, bf16: bool, device: torch.device) -> None:
         self.obj, self.batch, self.bf16, self.device = obj, batch, bf16, device
         params = [p for p in obj.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the engine (ssl_vit.optim.adamw)
+        self.opt = adamw([{"params": params}], 1e-4, (0.9, 0.999))  # the engine's optimiser
         obj.train()
 
     def step(self) -> tuple[float, float]:

@@ -113,7 +113,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / f"quality-{args.data}.json"
-    old = json.loads(record_path.read_text())["rows"] if record_path.is_file() else []
     names = args.objectives if args.no_baselines else ["random_init", "raw_pixels", *args.objectives]
     rows: list[dict[str, Any]] = []
     colour = None
@@ -138,8 +137,8 @@ def main() -> None:
                 f"{name:<12} seed {seed}: k-NN top-1 {top1:5.1f}%{note}  ({row['seconds']:.0f}s)", flush=True
             )
     new_keys = {(r["objective"], r["seed"]) for r in rows}
-    # Another process may have written rows meanwhile: merge with what is on disk now.
-    old = json.loads(record_path.read_text())["rows"] if record_path.is_file() else old
+    # Read only now: another process may have written rows to the same file meanwhile.
+    old = json.loads(record_path.read_text())["rows"] if record_path.is_file() else []
     merged = [r for r in old if (r["objective"], r["seed"]) not in new_keys] + rows
     record = {
         "data": args.data,

@@ -61,9 +61,6 @@ def build(section: dict[str, Any], backbone: Backbone, **context: Any) -> Object
     return cls(backbone, cfg)  # type: ignore[call-arg]
 
 
-__all__ = ["Objective", "build", "get", "names", "register"]
-
-
 def from_recipe(recipe: Any, backbone: Backbone, num_classes: int) -> Objective:
     """The recipe's objective, with what it may need from the data filled in: the class count
     (supervised; the caller reads it from the data) and the input normalisation (MPP's colour
@@ -75,3 +72,6 @@ def from_recipe(recipe: Any, backbone: Backbone, num_classes: int) -> Objective:
         pixel_mean=recipe.data.mean,
         pixel_std=recipe.data.std,
     )
+
+
+__all__ = ["Objective", "build", "from_recipe", "get", "names", "register"]
