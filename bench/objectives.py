@@ -114,8 +114,11 @@ def sync(device: torch.device) -> None:
 class Trainer:
     """One objective with its batch and optimiser; `step()` times one full training step."""
 
-    def __init__(self, obj: Any, batch: Batch, bf16: bool, device: torch.device) -> None:
+    def __init__(
+        self, obj: Any, batch: Batch, bf16: bool, device: torch.device, compile: bool = False
+    ) -> None:
         self.obj, self.batch, self.bf16, self.device = obj, batch, bf16, device
+        self.forward = torch.compile(obj) if compile else obj  # compiled on the first (warm-up) step
         params = [p for p in obj.parameters() if p.requires_grad]
         self.opt = adamw([{"params": params}], 1e-4, (0.9, 0.999))  # the engine's optimiser
         obj.train()
@@ -127,7 +130,7 @@ class Trainer:
         start = time.perf_counter()
         obj.set_progress(5000, 10000, 100)  # past DINO's frozen last layer
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss, _ = obj(self.batch)
+            loss, _ = self.forward(self.batch)
         loss.backward()
         sync(self.device)
         compute = time.perf_counter() - start
@@ -141,7 +144,15 @@ class Trainer:
         return time.perf_counter() - start, compute
 
 
-def build(name: str, model_name: str, img_size: int, batch: int, bf16: bool, device: torch.device) -> Trainer:
+def build(
+    name: str,
+    model_name: str,
+    img_size: int,
+    batch: int,
+    bf16: bool,
+    device: torch.device,
+    compile: bool = False,
+) -> Trainer:
     """The objective with its paper-scale heads (`recipes/imagenet/`) on the chosen backbone."""
     recipe = load_recipe(f"imagenet/vit_b16_{name}")
     torch.manual_seed(0)
@@ -151,7 +162,7 @@ def build(name: str, model_name: str, img_size: int, batch: int, bf16: bool, dev
         section["local_size"] = max(round(img_size * 96 / 224 / 16), 1) * 16
     with device:  # initialise on the device: ViT-L/16 takes many seconds on the CPU
         obj = objectives.build(section, Backbone.from_config(model), num_classes=1000)
-    return Trainer(obj, make_batch(obj, batch, img_size, 3, device), bf16, device)
+    return Trainer(obj, make_batch(obj, batch, img_size, 3, device), bf16, device, compile)
 
 
 def summarise(name: str, times: list[tuple[float, float]], base: list[tuple[float, float]]) -> dict[str, Any]:
@@ -179,6 +190,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU")
     parser.add_argument(
+        "--compile", action="store_true", help="torch.compile each objective (fuses element-wise kernels)"
+    )
+    parser.add_argument(
         "--batch-scaling",
         action="store_true",
         help=f"add a row '{DOUBLE_BATCH}': supervised at twice the batch (ideal 2.0), the device's own "
@@ -194,7 +208,7 @@ def main() -> None:
     names = args.objectives or objectives.names()
     # Each objective is timed in alternation with the supervised baseline (one step each, in
     # turn), so load that drifts on a shared machine hits both sides of the ratio alike.
-    base = build("supervised", model_name, img_size, args.batch, args.bf16, device)
+    base = build("supervised", model_name, img_size, args.batch, args.bf16, device, args.compile)
     for _ in range(args.warmup):
         base.step()
     rows: list[dict[str, Any]] = []
@@ -203,9 +217,9 @@ def main() -> None:
         names = [*names, DOUBLE_BATCH]
     for name in [n for n in names if n != "supervised"]:
         if name == DOUBLE_BATCH:  # the backbone alone at twice the images: what two views cost here
-            other = build("supervised", model_name, img_size, 2 * args.batch, args.bf16, device)
+            other = build("supervised", model_name, img_size, 2 * args.batch, args.bf16, device, args.compile)
         else:
-            other = build(name, model_name, img_size, args.batch, args.bf16, device)
+            other = build(name, model_name, img_size, args.batch, args.bf16, device, args.compile)
         for _ in range(args.warmup):
             other.step()
         pairs = [(base.step(), other.step()) for _ in range(args.steps)]
@@ -234,6 +248,7 @@ def main() -> None:
         "img_size": img_size,
         "batch": args.batch,
         "bf16": args.bf16,
+        "compile": args.compile,
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
