@@ -2,7 +2,8 @@
 
 `bench/objectives.py` says how far a step is from its FLOP ideal; this says why. It profiles the
 same step (same model, heads, batch and optimiser) with `torch.profiler` and reports, per step:
-wall seconds, device-kernel launches, and the seconds the device spent in kernels. On a GPU, busy
+wall seconds, device-kernel launches, the seconds the device spent in kernels, and the process's
+minor page faults (memory the allocator handed back to the OS and touched afresh). On a GPU, busy
 time well under wall time means the step is bound by launching kernels, not by FLOPs; the table of
 the costliest operators shows where the rest goes on either device.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -68,11 +70,13 @@ def main() -> None:
         trainer.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             trainer.step()
     wall = (time.perf_counter() - start) / args.steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // args.steps
     launches, busy = kernel_stats(prof, args.steps)
     ops = top_ops(prof, device, args.rows)
     record = {
@@ -85,11 +89,13 @@ def main() -> None:
         "wall_s_per_step": wall,
         "kernels_per_step": launches,
         "device_busy_s_per_step": busy,
+        "page_faults_per_step": faults,  # minor faults: fresh memory touched by the process
         "top_ops": ops,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
     print(f"{args.objective} {model_name} batch {args.batch}: {wall:.4f} s/step (profiled)", end="")
+    print(f", {faults} page faults/step", end="")
     if launches:
         print(f", {launches} kernels/step, device busy {busy:.4f} s ({busy / wall:.0%} of wall)")
     else:
