@@ -178,17 +178,30 @@ def summarise(name: str, times: list[tuple[float, float]], base: list[tuple[floa
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_options(parser: argparse.ArgumentParser, warmup: int = 1) -> None:
+    """Model preset, batch, timed and warm-up steps, device, precision, threads: what picks a step
+    (shared with `bench/profile_step.py`, which profiles the same step)."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--img-size", type=int, help="default: the preset's (112 tiny, 224 b16/l16)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--objectives", nargs="+", default=None, help="default: every registered one")
+    parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU")
+
+
+def step_device(args: argparse.Namespace) -> torch.device:
+    """Apply `--threads` and return the `--device`."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_step_options(parser)
+    parser.add_argument("--img-size", type=int, help="default: the preset's (112 tiny, 224 b16/l16)")
+    parser.add_argument("--objectives", nargs="+", default=None, help="default: every registered one")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile each objective (fuses element-wise kernels)"
     )
@@ -200,9 +213,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/objectives.json"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = step_device(args)
     model_name, default_size = PRESETS[args.preset]
     img_size = args.img_size or default_size
     names = args.objectives or objectives.names()

@@ -27,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from objectives import PRESETS, build, sync  # noqa: E402  (a sibling script, not a package)
+from objectives import PRESETS, add_step_options, build, step_device, sync  # noqa: E402  (a sibling script, not a package)
 
 
 def kernel_stats(prof: profile, steps: int) -> tuple[int, float]:
@@ -51,19 +51,11 @@ def top_ops(prof: profile, device: torch.device, rows: int) -> list[dict[str, An
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objective", default="mae")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    parser.add_argument("--threads", type=int, help="torch threads on the CPU")
+    add_step_options(parser, warmup=2)
     parser.add_argument("--rows", type=int, default=15, help="operators to list")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/profile.json"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = step_device(args)
     model_name, img_size = PRESETS[args.preset]
     trainer = build(args.objective, model_name, img_size, args.batch, args.bf16, device)
     for _ in range(args.warmup):
