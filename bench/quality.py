@@ -9,15 +9,18 @@ must beat by 10 points) and raw pixels.
     python bench/quality.py --data shapes --objectives mae simclr --seeds 0 --out runs/quality
     python bench/quality.py --data digits --objectives dino -- train.max_steps=200   # overrides
     python bench/quality.py --data shapes --colour     # also: how much each feature encodes colour
+    python bench/quality.py --data shapes --grey       # control: the same shapes with colour removed
 
-Writes `<out>/quality-<data>.json` (one row per objective and seed; merged with rows already there,
-so objectives can run as separate processes) and prints a table.
+Writes `<out>/quality-<data>.json` (`quality-shapes-grey.json` with `--grey`; one row per objective
+and seed, merged with rows already there, so objectives can run as separate processes) and prints a
+table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -35,6 +38,7 @@ from ssl_vit.eval.features import (
 )
 from ssl_vit.eval.knn import knn_classify
 
+import ssl_vit.data.shapes
 from ssl_vit.backbone import Backbone
 from ssl_vit.cli import pretrain
 from ssl_vit.config import load_recipe
@@ -56,6 +60,21 @@ def background_colour(data: str, split: str, size: int, chans: int) -> np.ndarra
     border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], -1)
     bits = (border.median(dim=-1).values > 0.5).long()  # (N, 3)
     return (bits * torch.tensor([4, 2, 1])).sum(dim=1).numpy()
+
+
+def remove_shapes_colour(cache: Path) -> None:
+    """Control experiment: render every shapes image in grey (its luma in all 3 channels), for
+    pretraining and evaluation alike, so an objective's result without the colour nuisance can be
+    set beside its result with it. Same images otherwise (same seeds, shapes, clutter, noise). The
+    grey shards get their own cache: the generator's code hash, and so the cache key, is unchanged."""
+    os.environ["SSL_VIT_CACHE"] = str(cache)
+    render = ssl_vit.data.shapes.render
+
+    def render_grey(label: int, rng: np.random.Generator) -> np.ndarray:
+        luma = render(label, rng).astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        return np.repeat(np.rint(luma).astype(np.uint8)[..., None], 3, axis=-1)
+
+    ssl_vit.data.shapes.render = render_grey
 
 
 def features(data: str, name: str, seed: int, out: Path, overrides: list[str]) -> tuple[Split, Split]:
@@ -107,12 +126,19 @@ def main() -> None:
     parser.add_argument(
         "--colour", action="store_true", help="also k-NN on the background colour (8 classes; RGB data)"
     )
+    parser.add_argument(
+        "--grey", action="store_true", help="control: shapes rendered in grey (colour removed), own cache"
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (after --)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    record_path = args.out / f"quality-{args.data}.json"
+    if args.grey:
+        if args.data != "shapes":
+            parser.error("--grey applies to shapes (digits is grey already)")
+        remove_shapes_colour(args.out / "grey-cache")
+    record_path = args.out / f"quality-{args.data}{'-grey' if args.grey else ''}.json"
     names = args.objectives if args.no_baselines else ["random_init", "raw_pixels", *args.objectives]
     rows: list[dict[str, Any]] = []
     colour = None
@@ -142,6 +168,7 @@ def main() -> None:
     merged = [r for r in old if (r["objective"], r["seed"]) not in new_keys] + rows
     record = {
         "data": args.data,
+        "grey": args.grey,
         "overrides": args.overrides,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
