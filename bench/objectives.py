@@ -257,8 +257,9 @@ MEDIAN_KEYS = ("step_s", "baseline_s", "ratio", "fwd_bwd_ratio", "vs_ideal", "fw
 
 
 def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several processes' records as one: each row's figures are the medians over processes, and
-    `runs` keeps every process's `vs_ideal` so the spread between processes can be read."""
+    """Several processes' records as one: each row's figures are the medians over processes, each
+    taken on its own (so `step_s / baseline_s` need not equal `ratio`), and `runs` keeps every
+    process's `vs_ideal` so the spread between processes can be read."""
     merged = {**records[0], "processes": len(records)}
     rows = []
     for i, row in enumerate(records[0]["rows"]):
