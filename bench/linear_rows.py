@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from objectives import median_seconds  # noqa: E402  (a sibling script, not a package)
 
 # (in, out) of the Linears in a ViT-L/16 block (qkv, proj, fc1, fc2) and in MAE's 512-wide decoder
 DEFAULT_SHAPES = ["1024x3072", "1024x1024", "1024x4096", "4096x1024", "512x1536", "512x2048", "2048x512"]
@@ -31,14 +33,12 @@ def train_rate(rows: int, fan_in: int, fan_out: int, repeats: int) -> float:
     layer = torch.nn.Linear(fan_in, fan_out)
     x = torch.randn(rows, fan_in, requires_grad=True)
     grad = torch.randn(rows, fan_out)
-    times = []
-    for i in range(repeats + 1):
-        layer.zero_grad(set_to_none=True)  # a training step's gradients are fresh each time
-        start = time.perf_counter()
+
+    def step() -> None:
         layer(x).backward(grad)
-        if i:  # the first call warms up
-            times.append(time.perf_counter() - start)
-    return 3 * 2 * rows * fan_in * fan_out / statistics.median(times) / 1e9
+
+    seconds = median_seconds(step, repeats, torch.device("cpu"), layer)  # fresh gradients each call
+    return 3 * 2 * rows * fan_in * fan_out / seconds / 1e9
 
 
 def main() -> None:

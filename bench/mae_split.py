@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +27,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from objectives import PRESETS, add_step_options, backbone_macs, blocks_macs, build, step_device, sync  # noqa: E402  (a sibling script, not a package)
+from objectives import (  # noqa: E402  (a sibling script, not a package)
+    PRESETS,
+    add_step_options,
+    backbone_macs,
+    build,
+    mae_decoder_macs,
+    median_seconds,
+    step_device,
+)
 
 from ssl_vit.objectives.mae import random_masking  # noqa: E402
-
-
-def seconds(
-    fn: Callable[[], None], steps: int, device: torch.device, module: torch.nn.Module | None = None
-) -> float:
-    """Median wall seconds of `fn` over `steps` calls after one warm-up; `module`'s gradients are
-    dropped before each call, as a training step's are."""
-    fn()
-    times = []
-    for _ in range(steps):
-        if module is not None:
-            module.zero_grad(set_to_none=True)
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def attention_rate(
@@ -65,7 +52,7 @@ def attention_rate(
     def step() -> None:
         F.scaled_dot_product_attention(q, k, v).backward(grad)
 
-    return 3 * 2 * 2 * batch * heads * tokens**2 * head_dim / seconds(step, steps, device) / 1e9
+    return 3 * 2 * 2 * batch * heads * tokens**2 * head_dim / median_seconds(step, steps, device) / 1e9
 
 
 def main() -> None:
@@ -100,13 +87,10 @@ def main() -> None:
         mae(trainer.batch)[0].backward()
 
     full_macs = backbone_macs(bb, n)
-    decoder_macs = blocks_macs(prefix + n, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_mlp_ratio) + n * (
-        mae.decoder_pred.in_features * mae.decoder_pred.out_features
-    )
     shares = {
         "encoder_full": 1.0,
         "encoder_visible": backbone_macs(bb, kept) / full_macs,
-        "decoder": decoder_macs / full_macs,
+        "decoder": mae_decoder_macs(mae) / full_macs,
     }
     shares["mae"] = shares["encoder_visible"] + shares["decoder"]
     parts = {
@@ -115,7 +99,7 @@ def main() -> None:
         "decoder": decoder,
         "mae": whole,
     }
-    times = {name: seconds(fn, args.steps, device, mae) for name, fn in parts.items()}
+    times = {name: median_seconds(fn, args.steps, device, mae) for name, fn in parts.items()}
     rows: list[dict[str, Any]] = []
     print(f"{model_name} {img_size}px batch {args.batch}, forward + backward")
     print(f"{'part':<16} {'s':>7} {'of full':>8} {'FLOP share':>11} {'vs ideal':>9}")

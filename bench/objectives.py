@@ -24,6 +24,7 @@ import multiprocessing
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,15 @@ def linear_macs(module: torch.nn.Module) -> float:
     )
 
 
+def mae_decoder_macs(mae: Any) -> float:
+    """MAE's decoder blocks on every token plus its pixel head on every patch, per sample."""
+    bb, cfg = mae.backbone, mae.cfg
+    blocks = blocks_macs(
+        bb.num_patches + bb.num_prefix_tokens, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_mlp_ratio
+    )
+    return blocks + bb.num_patches * linear_macs(mae.decoder_pred)
+
+
 def ideal_macs(name: str, obj: Any) -> float:
     """Training MACs per sample: 3x forward for trained parts, 1x for no-grad teachers."""
     bb: Backbone = obj.backbone
@@ -78,14 +88,9 @@ def ideal_macs(name: str, obj: Any) -> float:
     if name == "mpp":
         return 3 * (full + n * linear_macs(obj.head))
     if name == "mae":
-        cfg = obj.cfg
-        kept = int(n * (1 - cfg.mask_ratio))
-        tokens = n + bb.num_prefix_tokens
-        decoder = blocks_macs(tokens, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_mlp_ratio)
-        heads = (kept + bb.num_prefix_tokens) * linear_macs(obj.decoder_embed) + n * linear_macs(
-            obj.decoder_pred
-        )
-        return 3 * (backbone_macs(bb, kept) + decoder + heads)
+        kept = int(n * (1 - obj.cfg.mask_ratio))
+        embed = (kept + bb.num_prefix_tokens) * linear_macs(obj.decoder_embed)
+        return 3 * (backbone_macs(bb, kept) + embed + mae_decoder_macs(obj))
     if name == "simclr":
         return 3 * 2 * (full + linear_macs(obj.projector))
     if name == "mocov3":
@@ -112,6 +117,24 @@ def make_batch(obj: Any, batch: int, img_size: int, chans: int, device: torch.de
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def median_seconds(
+    fn: Callable[[], None], steps: int, device: torch.device, module: torch.nn.Module | None = None
+) -> float:
+    """Median wall seconds of `fn` over `steps` calls after one warm-up; `module`'s gradients are
+    dropped before each call, as a training step's are."""
+    fn()
+    times = []
+    for _ in range(steps):
+        if module is not None:
+            module.zero_grad(set_to_none=True)
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 class Trainer:
