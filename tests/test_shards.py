@@ -44,8 +44,17 @@ def write_tar(path: Path, labels: list[int], extra: dict[int, dict[str, bytes]] 
             sink.write(sample)
 
 
-def identity_views(image: torch.Tensor) -> list[torch.Tensor]:
-    return [image.float()]
+class IdentityViews:
+    """One view: the decoded image as float, unchanged."""
+
+    def crops(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return [image.float()]
+
+    def finish(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        return views
+
+
+identity_views = IdentityViews()
 
 
 def labels_of(loader: object) -> list[int]:

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from ssl_vit.data.views import MultiView, eval_transform, view_transform
+from ssl_vit.data.views import BatchColour, MultiView, View, blur, eval_transform, shift_hue, view_transform
 from ssl_vit.errors import RecipeError
 from ssl_vit.types import ViewSpec
 
 
-def ops(transform: object) -> list[object]:
-    """The flat list of operations inside a Compose (RandomApply unwrapped), with their probability."""
-    found: list[object] = []
-    for t in transform.transforms:  # type: ignore[attr-defined]
-        found += (
-            [(inner, t.p) for inner in t.transforms]
-            if isinstance(t, v2.RandomApply)
-            else [(t, getattr(t, "p", 1.0))]
-        )
-    return found
-
-
-def kinds(transform: object) -> dict[str, float]:
-    return {type(op).__name__: p for op, p in ops(transform)}
+def geometry(view: View) -> set[str]:
+    return {type(op).__name__ for op in view.geometry.transforms}  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("kind", ["supervised", "masked", "contrastive"])
@@ -41,36 +31,76 @@ def test_views_from_uint8_and_float_agree(kind: str, in_chans: int) -> None:
 
 
 def test_masked_views_are_geometry_only_and_contrastive_views_are_asymmetric() -> None:
-    assert set(kinds(view_transform("masked", 16, (0.3, 1.0), 3, [0.5] * 3, [0.5] * 3))) == {
-        "RandomResizedCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"
-    }  # fmt: skip
-    first = kinds(view_transform("contrastive", 16, (0.3, 1.0), 3, [0.5] * 3, [0.5] * 3))
-    second = kinds(view_transform("contrastive", 16, (0.3, 1.0), 3, [0.5] * 3, [0.5] * 3, second_view=True))
-    local = kinds(view_transform("contrastive", 8, (0.05, 0.3), 3, [0.5] * 3, [0.5] * 3, local=True))
-    assert {"ColorJitter", "RandomGrayscale", "GaussianBlur"} <= set(first) and "RandomSolarize" not in first
-    assert second["RandomSolarize"] == 0.2 and second["GaussianBlur"] == 0.1 and first["GaussianBlur"] == 1.0
-    assert local["GaussianBlur"] == 0.5 and "RandomSolarize" not in local  # DINO's local crops
+    masked = view_transform("masked", 16, (0.3, 1.0), 3, [0.5] * 3, [0.5] * 3)
+    assert geometry(masked) == {"RandomResizedCrop", "RandomHorizontalFlip"}
+    assert masked.colour.jitter is None and masked.colour.blur_p == masked.colour.solarize_p == 0
+    first = view_transform("contrastive", 16, (0.3, 1.0), 3, [0.5] * 3, [0.5] * 3).colour
+    second = view_transform("contrastive", 16, (0.3, 1.0), 3, [0.5] * 3, [0.5] * 3, second_view=True).colour
+    local = view_transform("contrastive", 8, (0.05, 0.3), 3, [0.5] * 3, [0.5] * 3, local=True).colour
+    assert first.jitter == (0.4, 0.4, 0.2, 0.1) and first.grayscale_p == 0.2 and first.solarize_p == 0
+    assert second.solarize_p == 0.2 and second.blur_p == 0.1 and first.blur_p == 1.0
+    assert local.blur_p == 0.5 and local.solarize_p == 0  # DINO's local crops
 
 
 def test_grayscale_keeps_only_one_channel_colour_ops() -> None:
     gray = view_transform("contrastive", 16, (0.3, 1.0), 1, [0.5], [0.5], second_view=True)
-    jitter = next(op for op, _ in ops(gray) if isinstance(op, v2.ColorJitter))
-    assert jitter.saturation is None and jitter.hue is None and jitter.brightness is not None
-    assert "RandomGrayscale" not in kinds(gray) and "RandomSolarize" in kinds(gray)
+    assert gray.colour.grayscale_p == 0 and gray.colour.solarize_p == 0.2
+    torch.manual_seed(0)
     image = torch.rand(1, 16, 16)
     outputs = torch.stack([gray(image) for _ in range(20)])
     assert outputs.shape == (20, 1, 16, 16) and outputs.std(0).mean() > 0  # the augmentation does act
+    # saturation and hue need colour: with only those asked for, one channel comes out unchanged
+    only_hue = BatchColour([0.0], [1.0], jitter=(0.0, 0.0, 0.5, 0.5), jitter_p=1.0)
+    assert torch.equal(only_hue(image[None]), image[None])
 
 
 def test_strength_zero_turns_colour_off_and_blur_kernel_scales() -> None:
-    plain = kinds(view_transform("contrastive", 16, (0.3, 1.0), 3, [0.5] * 3, [0.5] * 3, strength=0.0))
-    assert "ColorJitter" not in plain and "GaussianBlur" not in plain
-    big = next(
-        op
-        for op, _ in ops(view_transform("contrastive", 224, (0.3, 1.0), 3, [0.5] * 3, [0.5] * 3))
-        if isinstance(op, v2.GaussianBlur)
+    plain = view_transform("contrastive", 16, (0.3, 1.0), 3, [0.5] * 3, [0.5] * 3, strength=0.0).colour
+    assert plain.jitter is None and plain.blur_p == 0
+    big = view_transform("contrastive", 224, (0.3, 1.0), 3, [0.5] * 3, [0.5] * 3).colour
+    assert big.kernel_size == 23  # ~10% of the side, as SimCLR
+
+
+def test_batch_colour_ops_match_torchvision_per_image() -> None:
+    """Each batched operation, with its factor pinned, equals torchvision's per-image kernel."""
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 12, 12)
+    # brightness: torch.rand drives the factor; pin it by asking for a zero-width range of 1 +- 0
+    for op, factor, kernel in [
+        (0, 1.3, TF.adjust_brightness),
+        (1, 0.6, TF.adjust_contrast),
+        (2, 1.4, TF.adjust_saturation),
+    ]:
+        jitter = [0.0] * 4
+        jitter[op] = 1.0
+        with mock.patch(
+            "ssl_vit.data.views._uniform", lambda b, lo, hi, f=factor: torch.full((b, 1, 1, 1), f)
+        ):
+            got = BatchColour([0.0] * 3, [1.0] * 3, jitter=tuple(jitter), jitter_p=1.0)(images)  # type: ignore[arg-type]
+        want = torch.stack([kernel(img, factor) for img in images])
+        assert (got - want).abs().max() < 1e-5, op
+    for shift in (-0.5, -0.2, 0.1, 0.45):
+        got = shift_hue(images, torch.full((4, 1, 1, 1), shift))
+        want = torch.stack([TF.adjust_hue(img, shift) for img in images])
+        assert (got - want).abs().max() < 1e-4, shift
+
+
+def test_batch_blur_matches_torchvision_and_ops_apply_per_sample() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 10, 10)
+    sigma = torch.tensor([0.3, 1.0, 2.0])
+    with mock.patch("torch.rand", lambda *shape, **kw: (sigma - 0.1) / 1.9):
+        got = blur(images, 5)
+    want = torch.stack(
+        [TF.gaussian_blur(img, [5, 5], [float(s)] * 2) for img, s in zip(images, sigma, strict=True)]
     )
-    assert tuple(big.kernel_size) == (23, 23)  # ~10% of the side, as SimCLR
+    assert (got - want).abs().max() < 1e-5
+    # solarize with probability 0.5: some images come out inverted above 0.5, the others untouched
+    solar = BatchColour([0.0] * 3, [1.0] * 3, solarize_p=0.5)
+    batch = torch.full((64, 3, 4, 4), 0.8)
+    out = solar(batch)[:, 0, 0, 0]
+    assert set((out * 10).round().tolist()) == {2.0, 8.0}
+    assert 10 < int((out < 0.5).sum()) < 54
 
 
 def test_dino_multiview_gives_global_then_local_views() -> None:

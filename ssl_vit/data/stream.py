@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -40,7 +41,17 @@ from ssl_vit.types import Batch
 
 log = logging.getLogger(__name__)
 
-Views = Callable[[Tensor], list[Tensor]]
+
+
+class Views(Protocol):
+    """What the stream asks of an augmentation (`ssl_vit.data.views.MultiView`): crops per image,
+    then the rest on each collated batch."""
+
+    def crops(self, image: Tensor) -> list[Tensor]: ...
+
+    def finish(self, views: list[Tensor]) -> list[Tensor]: ...
+
+
 Packed = tuple[Batch | None, dict[str, int], dict[str, str]]
 
 
@@ -142,7 +153,8 @@ def read_split(urls: list[str], in_chans: int, strict: bool = False) -> Iterator
 
 
 class ShardStream(IterableDataset[Packed | Failure]):
-    """Per worker: shard URLs -> tar members -> samples -> shuffle buffer -> decode -> views -> batches."""
+    """Per worker: shard URLs -> tar members -> samples -> shuffle buffer -> decode -> crops -> batches
+    -> colour (`MultiView.finish`, on the whole batch)."""
 
     def __init__(
         self,
@@ -173,7 +185,10 @@ class ShardStream(IterableDataset[Packed | Failure]):
 
     def _packed(self, items: list[tuple[list[Tensor], int]] | None, counter: SkipCounter) -> Packed:
         counts, notes = counter.take()
-        return (collate(items) if items else None), counts, notes
+        if not items:
+            return None, counts, notes
+        batch = collate(items)
+        return Batch(views=self.views.finish(batch.views), labels=batch.labels), counts, notes
 
     def _batches(self) -> Iterator[Packed]:
         info = get_worker_info()
@@ -195,7 +210,7 @@ class ShardStream(IterableDataset[Packed | Failure]):
             except BadSample as bad:
                 counter.skip(bad)
                 continue
-            items.append((self.views(image), label))
+            items.append((self.views.crops(image), label))
             if len(items) == self.batch_size:
                 yield self._packed(items, counter)
                 items = []
