@@ -2,7 +2,9 @@
 
 "Which objective gives the better backbone for my data, at what cost?" Every input (a run directory,
 an export folder, any timm-loadable folder) goes through identical protocols: weighted k-NN, a
-K-shot probe over seeded draws, the full linear probe and, where asked, a short fine-tune. Two
+K-shot probe over seeded draws, the full linear probe and, where asked, a short fine-tune (on all
+training labels, or with `finetune_shots` on K-shot draws: draw s for fine-tune seed s, the same images
+for every input and baseline). Two
 baseline rows use the same protocols: raw pixels, and the first input's architecture with random
 weights. Runs of one recipe given together (differing only in seed) become one row, mean ± std over
 runs; a single run's several seeds give mean ± std over seeds.
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 from ssl_vit.eval.features import (
     EvalModel,
@@ -54,6 +59,7 @@ class Protocol:
     shots: int = 10  # K of the low-shot probe; 0 turns it off
     seeds: int = 3  # low-shot draws, and fine-tune runs, per input
     finetune_seeds: int | None = None  # fine-tune runs per input (default: `seeds`)
+    finetune_shots: int = 0  # K labelled images per class for each fine-tune (draw = its seed); 0: all
     feature: str | None = None  # None: each model's own (its recipe's eval.feature)
     knn_k: list[int] = field(default_factory=lambda: [20])
     knn_temperature: float = 0.07
@@ -133,12 +139,40 @@ def evaluate(
             raise RecipeError("compare --finetune needs a fine-tune function (the CLI passes one)")
         runs = protocol.finetune_seeds or protocol.seeds
         slug = model.name.replace(os.sep, "_").replace(" ", "_")
+        if protocol.finetune_shots:
+            slug = f"{slug}-{protocol.finetune_shots}shot"
         scores["finetune_top1"] = [
             finetune_fn(model, seed, out / "finetune" / f"{slug}-seed{seed}") for seed in range(max(runs, 1))
         ]
         details["finetune_top1"] = scores["finetune_top1"]
+        details["finetune_shots"] = protocol.finetune_shots
     save_result(model, "compare", {"feature": feature, **details})
     return scores
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def evaluate_all(
+    models: Sequence[EvalModel],
+    protocol: Protocol,
+    out: Path,
+    cache_dir: Path | None,
+    finetune_fn: FinetuneFn | None,
+    jobs: int = 1,
+    threads: int | None = None,
+) -> list[dict[str, list[float]]]:
+    """`evaluate` on each model, in order; with `jobs` > 1 in that many spawned processes."""
+    if jobs <= 1 or len(models) <= 1:
+        return [evaluate(model, protocol, out, cache_dir, finetune_fn) for model in models]
+    context = multiprocessing.get_context("spawn")  # fork after OpenMP threads have started can hang
+    with ProcessPoolExecutor(
+        min(jobs, len(models)), mp_context=context, initializer=_set_threads, initargs=(threads,)
+    ) as pool:
+        n = len(models)
+        return list(pool.map(evaluate, models, [protocol] * n, [out] * n, [cache_dir] * n, [finetune_fn] * n))
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -161,8 +195,10 @@ def _group_name(entries: Sequence[Entry]) -> str:
     return prefix or entries[0].model.objective
 
 
-def aggregate(entries: Sequence[Entry], shots: int) -> dict[str, Any]:
-    """One results row: mean ± std over runs of one recipe, or over seeds of a single run."""
+def aggregate(entries: Sequence[Entry], shots: int, finetune_shots: int = 0) -> dict[str, Any]:
+    """One results row: mean ± std over runs of one recipe, or over seeds of a single run.
+
+    `shots` and `finetune_shots` (0: all labels) are recorded where their metric was measured."""
     row: dict[str, Any] = {
         "name": _group_name(entries),
         "objective": entries[0].model.objective,
@@ -180,6 +216,8 @@ def aggregate(entries: Sequence[Entry], shots: int) -> dict[str, Any]:
         row[metric], row[f"{metric}_std"] = mean, std
         if metric == "lowshot_top1":
             row["shots"] = shots if mean is not None else None
+        if metric == "finetune_top1":
+            row["finetune_shots"] = finetune_shots if mean is not None else None
     return row
 
 
@@ -197,13 +235,21 @@ def compare(
     flops_fn: FlopsFn | None = None,
     finetune_fn: FinetuneFn | None = None,
     settings: dict[str, Any] | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every input and both baselines; write the report files into `out`; return the rows.
 
-    `settings` (e.g. the fine-tune protocol) is recorded in `report.md` next to the protocol.
+    `settings` (e.g. the fine-tune protocol) is recorded in `report.md` next to the protocol. `jobs`
+    evaluates that many backbones at once, each in its own process with `threads` torch threads
+    (`finetune_fn` must then be picklable); every protocol is seeded, so the rows do not depend on it.
     """
     if not inputs:
         raise RecipeError("compare needs at least one run directory or export folder")
+    if protocol.finetune_shots < 0:
+        raise RecipeError(f"finetune shots must be 0 (all labels) or more, got {protocol.finetune_shots}")
+    if protocol.finetune_shots and not protocol.finetune:
+        raise RecipeError(f"--finetune-shots {protocol.finetune_shots} needs --finetune")
     models = [load_eval_model(path, protocol.data) for path in inputs]
     data = protocol.data or models[0].data
     seen: dict[str, int] = {}
@@ -223,22 +269,18 @@ def compare(
     entries = [
         _baseline_entry("raw pixels", "raw_pixels", score_features(raw[0], raw[1], raw_protocol)[0], first)
     ]
-    log.info("baseline: random init")
+    log.info("baseline: random init; then %d input(s), %d at a time", len(models), max(jobs, 1))
     random_model = random_init_model(first, seed=0)
-    entries.append(
-        _baseline_entry(
-            "random init", "random_init", evaluate(random_model, protocol, out, cache_dir, finetune_fn), first
-        )
-    )
-    for model in models:
-        log.info("evaluating %s", model.name)
+    scores = evaluate_all([random_model, *models], protocol, out, cache_dir, finetune_fn, jobs, threads)
+    entries.append(_baseline_entry("random init", "random_init", scores[0], first))
+    for model, model_scores in zip(models, scores[1:], strict=True):
         run_dir = _run_dir_of(model)
         summary_path = run_dir / "summary.json" if run_dir else None
         summary = json.loads(summary_path.read_text()) if summary_path and summary_path.is_file() else {}
         entries.append(
             Entry(
                 model=model,
-                scores=evaluate(model, protocol, out, cache_dir, finetune_fn),
+                scores=model_scores,
                 run_dir=run_dir,
                 pretrain_seconds=summary.get("pretrain_seconds", model.info.get("pretrain_seconds")),
                 images_seen=summary.get("images_seen", model.info.get("images_seen")),
@@ -249,7 +291,7 @@ def compare(
     groups: dict[str, list[Entry]] = {}
     for entry in entries:
         groups.setdefault(entry.group, []).append(entry)
-    rows = [aggregate(group, protocol.shots) for group in groups.values()]
+    rows = [aggregate(group, protocol.shots, protocol.finetune_shots) for group in groups.values()]
     feature = protocol.feature or "each recipe's eval.feature"
     write_report(rows, out, {**asdict(protocol), "feature": feature, "data": data, **(settings or {})})
     return rows

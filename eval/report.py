@@ -32,18 +32,21 @@ COLUMNS = (
     "knn_top1_std",
     "finetune_top1",
     "finetune_top1_std",
+    "finetune_shots",
 )
 BASELINES = ("raw_pixels", "random_init")
 
 
 def _metric_labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """Accuracy columns that were measured for at least one row, with their display names."""
+    """Accuracy columns that were measured for at least one row, with their display names (a K-shot
+    fine-tune says so: next to a full-data one it would read as the same protocol)."""
     shots = next((r["shots"] for r in rows if r.get("shots")), None)
+    finetune_shots = next((r["finetune_shots"] for r in rows if r.get("finetune_shots")), None)
     labels = {
         "linear_probe_top1": "linear probe",
         "lowshot_top1": f"{shots}-shot probe",
         "knn_top1": "k-NN",
-        "finetune_top1": "fine-tune",
+        "finetune_top1": f"fine-tune {finetune_shots}-shot" if finetune_shots else "fine-tune",
     }
     return {k: v for k, v in labels.items() if any(r.get(k) is not None for r in rows)}
 

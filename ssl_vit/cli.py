@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ log = logging.getLogger("ssl_vit")
 
 
 # ---------------------------------------------------------------- pretrain
-RUN_LENGTH_KEYS = ("train.epochs", "train.max_steps")  # the only keys a resume may change
+RUN_LENGTH_KEYS = ("train.epochs", "train.max_steps")  # with eval.*, the only keys a resume may change
 
 
 def _flat(recipe: Any) -> dict[str, Any]:
@@ -38,12 +39,13 @@ def _check_resumable(saved: Any, given: Any, run_dir: Path) -> None:
     """A resume may change the run length only; anything else would not continue the same run."""
     old, new = _flat(saved), _flat(given)
     for key in sorted(set(old) | set(new)):
-        if key not in RUN_LENGTH_KEYS and old.get(key) != new.get(key):
+        changeable = key in RUN_LENGTH_KEYS or key.startswith("eval.")  # eval.* never changes training
+        if not changeable and old.get(key) != new.get(key):
             from ssl_vit.errors import RecipeError
 
             raise RecipeError(
                 f"--resume: {key} is {old.get(key)!r} in {run_dir / 'recipe.yaml'} but {new.get(key)!r} "
-                f"here; only {' and '.join(RUN_LENGTH_KEYS)} may change when resuming"
+                f"here; only {' and '.join(RUN_LENGTH_KEYS)} and eval.* may change when resuming"
             )
 
 
@@ -119,6 +121,7 @@ def pretrain(
     from ssl_vit.config import save_recipe
     from ssl_vit.data import class_names, train_loader
     from ssl_vit.engine.loop import ensure_writable, fit, processes
+    from ssl_vit.eval.monitor import online_every, online_monitor
     from ssl_vit.model_card import write_model_card
     from ssl_vit.pretrained import backbone_from_config
 
@@ -133,6 +136,24 @@ def pretrain(
     loader = train_loader(
         recipe.data, spec, recipe.model.img_size, recipe.model.in_chans, recipe.train.batch_size, recipe.seed
     )
+    monitor_every = online_every(recipe.eval)  # checked on every process; only the main one measures
+    monitor = None
+    if main and monitor_every:  # the backbone an export of this run would write
+        watched = (
+            _teacher_backbone(objective)
+            if default_weights(recipe.objective["name"]) == "teacher"
+            else objective.backbone
+        )
+        monitor = online_monitor(
+            watched,
+            recipe.data.train,
+            recipe.model.img_size,
+            recipe.model.in_chans,
+            recipe.data.mean,
+            recipe.data.std,
+            recipe.eval,
+            recipe.data.cache_dir,
+        )
     if main:
         ensure_writable(run_dir)
         if ckpt is None:
@@ -158,6 +179,8 @@ def pretrain(
         progress=not quiet,
         resume=ckpt,
         data_stats=(lambda: dict(skip_counts())) if callable(skip_counts) else None,
+        monitor=monitor,
+        monitor_every=monitor_every,
     )
     if not main:
         return run_dir
@@ -337,52 +360,59 @@ def knn(
     return result
 
 
-def finetune_model(model: Any, cfg: Any, out: Path, progress: bool, resume: bool = False) -> dict[str, Any]:
-    """Fine-tune with the run's own augmentation settings where the model came from a run."""
+def finetune_model(
+    model: Any, cfg: Any, out: Path, progress: bool, resume: bool = False, draws: int | None = None
+) -> dict[str, Any]:
+    """Fine-tune with the run's own augmentation settings where the model came from a run.
+
+    With `draws`: that many seeded fine-tunes (K-shot draws with `cfg.shots`) in `out/seed<s>`,
+    reported as mean ± std (`finetune_draws`); without: one fine-tune in `out`.
+    """
     from ssl_vit.config import load_recipe
-    from ssl_vit.eval.finetune import finetune
+    from ssl_vit.eval.finetune import finetune, finetune_draws
 
     data = load_recipe(model.run_dir / "recipe.yaml").data if model.run_dir else None
+    if draws is not None:
+        return finetune_draws(model, out, cfg, draws, data, progress, resume)
     return finetune(model, out, cfg, data, progress, resume)
 
 
-def _finetune_fn(cfg: Any) -> Callable[[Any, int, Path], float]:
-    """What `compare` calls for each input and seed: fine-tune, return test top-1."""
-    from dataclasses import replace
+@dataclass(frozen=True)
+class _FinetuneRun:
+    """What `compare` calls for each input and seed: fine-tune (on the K-shot draw of that seed where
+    `cfg.shots` is set), return test top-1. A module-level class, so that `compare(jobs=N)` can send
+    it to its worker processes."""
 
-    def run(model: Any, seed: int, out: Path) -> float:
-        return float(finetune_model(model, replace(cfg, seed=seed), out, progress=False)["top1"])
+    cfg: Any
 
-    return run
+    def __call__(self, model: Any, seed: int, out: Path) -> float:
+        from dataclasses import replace
+
+        return float(finetune_model(model, replace(self.cfg, seed=seed), out, progress=False)["top1"])
 
 
 def compare_runs(
-    inputs: Sequence[Path], out: Path, protocol: Any, finetune_cfg: Any, cache_dir: Path | None
+    inputs: Sequence[Path],
+    out: Path,
+    protocol: Any,
+    finetune_cfg: Any,
+    cache_dir: Path | None,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from ssl_vit.eval.compare import compare
     from ssl_vit.flops import pretrain_flops
 
+    finetune_cfg = replace(finetune_cfg, shots=protocol.finetune_shots)  # the protocol decides
     settings = {"finetune": asdict(finetune_cfg)} if protocol.finetune else {}
-    return compare(inputs, out, protocol, cache_dir, pretrain_flops, _finetune_fn(finetune_cfg), settings)
+    finetune_fn = _FinetuneRun(finetune_cfg)
+    return compare(inputs, out, protocol, cache_dir, pretrain_flops, finetune_fn, settings, jobs, threads)
 
 
 # ---------------------------------------------------------------- demo
-DEMO_DATA = "shapes"  # where objectives differ (on digits raw pixels match nearly every learned feature)
-# Pretraining steps per objective, before --steps-scale. Seconds per step with the shapes recipes,
-# one thread on the 2-core machine beside one other job: supervised 0.13, mpp 0.16, mae 0.14,
-# simclr 0.69, mocov3 ~0.9, dino ~0.7 (earlier figures 2-10x higher came from two OpenMP threads
-# thrashing beside other jobs, which `make demo` now prevents with OMP_NUM_THREADS=1).
-DEMO_STEPS: dict[str, dict[str, int]] = {
-    "digits": {"supervised": 300},
-    # A fraction of each recipe's budget (the quality figures in BENCHMARKS.md use the full
-    # recipes), so that the whole `make demo` stays within about 8 minutes with the install.
-    "shapes": {"supervised": 200, "mpp": 200, "mae": 300, "simclr": 80, "mocov3": 50, "dino": 40},
-}
-DEMO_DEFAULT_STEPS = 150
-DEMO_FINETUNE_STEPS = 50
-DEMO_OVERRIDES = ["ckpt.keep_last=1"]  # recipe overrides for every demo run
+DEMO_FINETUNE_STEPS = 400  # of the 10-shot fine-tune (converged by ~800, BENCHMARKS.md); one draw
 DEMO_PROTOCOL: dict[str, Any] = {
     "probe": True,
     "knn": True,
@@ -390,38 +420,65 @@ DEMO_PROTOCOL: dict[str, Any] = {
     "shots": 10,
     "seeds": 3,
     "finetune_seeds": 1,
+    "finetune_shots": 10,
 }
 
 
-def demo_recipes(data: str) -> list[str]:
-    """Every registered objective that has a recipe for `data`, as `data/name`."""
-    from ssl_vit import objectives
-    from ssl_vit.config import RECIPES_DIR
+def demo(
+    data: str,
+    steps_scale: float,
+    out: Path,
+    quiet: bool,
+    jobs: int | None = None,
+    threads: int | None = None,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Pretrain every objective with a recipe for `data` (or those in `only`) on its demo budget, `jobs`
+    processes at a time (default: one per core) with `threads` each, then compare them all, the
+    evaluations in parallel too."""
+    from dataclasses import replace
 
-    return [f"{data}/{n}" for n in objectives.names() if (RECIPES_DIR / data / f"{n}.yaml").is_file()]
+    from tqdm.auto import tqdm
 
-
-def demo(data: str, steps_scale: float, out: Path, quiet: bool) -> list[dict[str, Any]]:
-    """Pretrain every objective with a recipe for `data` on a step budget, then compare them all."""
+    from ssl_vit.demo import PretrainJob, available_cores, demo_jobs, run_pretraining
     from ssl_vit.errors import RecipeError
     from ssl_vit.eval.compare import Protocol
-    from ssl_vit.eval.finetune import FinetuneConfig
+    from ssl_vit.eval.finetune import default_config
 
-    recipes = demo_recipes(data)
-    if not recipes:
-        raise RecipeError(f"no recipes under recipes/{data}/ for any registered objective")
-    if steps_scale <= 0:
-        raise RecipeError(f"--steps-scale must be positive, got {steps_scale}")
-    runs = []
-    for recipe in recipes:
-        name = recipe.split("/")[1]
-        steps = max(1, round(DEMO_STEPS.get(data, {}).get(name, DEMO_DEFAULT_STEPS) * steps_scale))
-        runs.append(pretrain(recipe, [f"train.max_steps={steps}", *DEMO_OVERRIDES], out / name, quiet))
-    protocol = Protocol(**DEMO_PROTOCOL)
-    finetune_cfg = FinetuneConfig(steps=max(1, round(DEMO_FINETUNE_STEPS * steps_scale)))
+    cores = available_cores()
+    jobs = jobs or cores
+    threads = threads or max(1, cores // jobs)
+    if jobs < 1 or threads < 1:
+        raise RecipeError(f"--jobs and --threads must be at least 1, got {jobs} and {threads}")
+    todo = demo_jobs(data, steps_scale, out, overrides, only)
+    bar = tqdm(total=len(todo) + 1, disable=quiet or not sys.stderr.isatty(), unit="run", dynamic_ncols=True)
+
+    def finished(job: PretrainJob, summary: dict[str, Any]) -> None:
+        bar.update(1)
+        if not quiet:
+            bar.write(
+                f"[{bar.n}/{len(todo)}] {job.name}: {summary['steps']} steps in "
+                f"{summary['pretrain_seconds']:.0f}s, final loss {summary['final_loss']:.3f}"
+            )
+
     if not quiet:
-        print(f"comparing {len(runs)} backbone(s) and 2 baselines (k-NN, 10-shot, linear probe, fine-tune)")
-    rows = compare_runs(runs, out / "compare", protocol, finetune_cfg, out / "cache")
+        print(
+            f"pretraining {len(todo)} objectives on {data}: {jobs} at a time, {threads} thread(s) each, {cores} cores"
+        )
+    try:
+        runs = run_pretraining(todo, jobs, threads, finished)
+        protocol = Protocol(**DEMO_PROTOCOL)
+        steps = max(1, round(DEMO_FINETUNE_STEPS * steps_scale))
+        finetune_cfg = replace(default_config(protocol.finetune_shots), steps=steps)
+        if not quiet:
+            bar.write(
+                f"evaluating {len(runs)} backbones and 2 baselines (k-NN, 10-shot probe, linear probe, 10-shot fine-tune)"
+            )
+        rows = compare_runs(runs, out / "compare", protocol, finetune_cfg, out / "cache", jobs, threads)
+        bar.update(1)
+    finally:
+        bar.close()
     from ssl_vit.figures import write_compare_figures
 
     # PCA, not t-SNE: seven maps by t-SNE would cost the demo about a minute on two cores.
@@ -543,36 +600,49 @@ def _run_knn(args: argparse.Namespace) -> None:
             print(f"k-NN (k={k}, T={args.temperature}) top-1: {100 * top1:.2f}%")
 
 
+FINETUNE_OPTIONS: list[tuple[str, type]] = [
+    ("steps", int),
+    ("batch_size", int),
+    ("lr", float),
+    ("warmup_steps", int),
+    ("layer_decay", float),
+    ("drop_path", float),
+    ("label_smoothing", float),
+    ("mixup", float),
+    ("cutmix", float),
+    ("weight_decay", float),
+    ("seed", int),
+]
+LOWSHOT_FINETUNE_DRAWS = 3  # `finetune --shots K` without --seeds
+
+
 def _add_finetune(sub: Any) -> None:
-    from ssl_vit.eval.finetune import FinetuneConfig
+    from ssl_vit.eval.finetune import LOWSHOT_DEFAULTS, FinetuneConfig
 
     d = FinetuneConfig()
     p = sub.add_parser(
         "finetune",
         help="fine-tune a backbone end to end",
-        description="Fine-tune with a fresh head: layer-wise lr decay, drop path, label smoothing, mixup.",
+        description="Fine-tune with a fresh head: layer-wise lr decay, drop path, label smoothing, mixup. "
+        "With --shots K, on K labelled images per class only (the low-label case), over seeded draws.",
     )
     p.add_argument("path", type=Path, help="a run directory, an export folder or any timm-loadable folder")
     p.add_argument("--data", help="data to fine-tune on (default: the run's data.train, else digits)")
-    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval/finetune)")
-    for name, kind in [
-        ("steps", int),
-        ("batch_size", int),
-        ("lr", float),
-        ("layer_decay", float),
-        ("drop_path", float),
-        ("label_smoothing", float),
-        ("mixup", float),
-        ("cutmix", float),
-        ("weight_decay", float),
-        ("seed", int),
-    ]:
-        p.add_argument(
-            f"--{name.replace('_', '-')}",
-            type=kind,
-            default=getattr(d, name),
-            help=f"default {getattr(d, name)}",
-        )
+    p.add_argument(
+        "--out", type=Path, help="output folder (default RUN_DIR/eval/finetune, or finetune_lowshot_K)"
+    )
+    p.add_argument(
+        "--shots", type=int, default=0, help="K labelled training images per class, drawn per seed; 0: all"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        help=f"runs with seeds --seed, --seed + 1, ... (with --shots, each its own draw), mean ± std; "
+        f"default {LOWSHOT_FINETUNE_DRAWS} with --shots, else 1",
+    )
+    for name, kind in FINETUNE_OPTIONS:
+        shot = f"; {LOWSHOT_DEFAULTS[name]} with --shots" if name in LOWSHOT_DEFAULTS else ""
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"default {getattr(d, name)}{shot}")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (always one at the end)")
     p.add_argument(
         "--resume", action="store_true", help="continue the latest checkpoint in the output folder"
@@ -582,31 +652,47 @@ def _add_finetune(sub: Any) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
-    from ssl_vit.eval.features import load_eval_model, save_result
-    from ssl_vit.eval.finetune import FinetuneConfig
+    from dataclasses import replace
 
-    fields = ("steps", "batch_size", "lr", "layer_decay", "drop_path", "label_smoothing", "mixup", "cutmix")
-    cfg = FinetuneConfig(**{f: getattr(args, f) for f in (*fields, "weight_decay", "seed")})
-    cfg.ckpt_every_steps = args.ckpt_every
+    from ssl_vit.eval.features import load_eval_model, save_result
+    from ssl_vit.eval.finetune import default_config
+
+    given = {name: getattr(args, name) for name, _ in FINETUNE_OPTIONS if getattr(args, name) is not None}
+    cfg = replace(default_config(args.shots), **given, ckpt_every_steps=args.ckpt_every)
+    seeds = args.seeds if args.seeds is not None else LOWSHOT_FINETUNE_DRAWS if args.shots else 1
+    draws = seeds if args.shots or seeds != 1 else None  # one full-data fine-tune: today's result
+    name = f"finetune_lowshot_{args.shots}" if args.shots else "finetune"
     model = load_eval_model(args.path, args.data)
     if args.out:
         out = args.out
     elif model.run_dir:
-        out = model.run_dir / "eval" / "finetune"
+        out = model.run_dir / "eval" / name
     else:
-        out = Path("runs") / f"finetune-{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = finetune_model(model, cfg, out, progress=not (args.quiet or args.json), resume=args.resume)
+        out = Path("runs") / f"{name}-{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    progress = not (args.quiet or args.json)
+    result = finetune_model(model, cfg, out, progress, args.resume, draws)
     result.update(data=model.data, model=str(args.path))
-    save_result(model, "finetune", result)
+    save_result(model, name, result)
     if args.json:
         print(json.dumps(result))
-    else:
+    elif draws is None:
         print(
             f"fine-tune top-1: {100 * result['top1']:.2f}% ({result['steps']} steps, {result['seconds']:.0f}s) -> {out}"
+        )
+    else:
+        label = f"fine-tune {args.shots}-shot" if args.shots else "fine-tune"
+        std = result["top1_std"]
+        spread = f" ± {100 * std:.2f}" if std is not None else ""
+        per_draw = ", ".join(f"{100 * v:.1f}" for v in result["per_draw"])
+        print(
+            f"{label} top-1: {100 * result['top1']:.2f}{spread}% over {result['draws']} seed(s) ({per_draw}; "
+            f"{result['steps']} steps each, {result['seconds']:.0f}s in all) -> {out}"
         )
 
 
 def _add_compare(sub: Any) -> None:
+    from ssl_vit.eval.finetune import LOWSHOT_DEFAULTS, FinetuneConfig
+
     p = sub.add_parser(
         "compare",
         help="compare backbones with identical protocols",
@@ -624,14 +710,28 @@ def _add_compare(sub: Any) -> None:
     p.add_argument(
         "--shots", type=int, default=10, help="K of the low-shot probe; 0 turns it off (default 10)"
     )
-    p.add_argument("--finetune-steps", type=int, default=300, help="fine-tune steps per run (default 300)")
+    p.add_argument(
+        "--finetune-shots",
+        type=int,
+        default=0,
+        help="fine-tune on K labelled images per class (draw s for fine-tune seed s, the same for every "
+        "input) instead of all labels (default 0: all)",
+    )
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        help=f"fine-tune steps per run (default {FinetuneConfig().steps}; "
+        f"{LOWSHOT_DEFAULTS['steps']} with --finetune-shots)",
+    )
     p.add_argument("--figures", action="store_true", help="also overlay training curves and embedding maps")
     _add_eval_args(p)
 
 
 def _run_compare(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from ssl_vit.eval.compare import Protocol
-    from ssl_vit.eval.finetune import FinetuneConfig
+    from ssl_vit.eval.finetune import default_config
     from ssl_vit.eval.report import format_table
 
     chosen = args.probe or args.knn or args.finetune
@@ -641,11 +741,15 @@ def _run_compare(args: argparse.Namespace) -> None:
         finetune=args.finetune,
         shots=args.shots,
         seeds=args.seeds,
+        finetune_shots=args.finetune_shots,
         feature=args.feature,
         data=args.data,
     )
+    finetune_cfg = default_config(args.finetune_shots)
+    if args.finetune_steps is not None:
+        finetune_cfg = replace(finetune_cfg, steps=args.finetune_steps)
     cache = _cache_dir(args.no_cache, args.cache_dir)
-    rows = compare_runs(args.inputs, args.out, protocol, FinetuneConfig(steps=args.finetune_steps), cache)
+    rows = compare_runs(args.inputs, args.out, protocol, finetune_cfg, cache)
     figures = []
     if args.figures:
         from ssl_vit.figures import write_compare_figures
@@ -689,24 +793,43 @@ def _run_export(args: argparse.Namespace) -> None:
 
 
 def _add_demo(sub: Any) -> None:
+    from ssl_vit.demo import DEMO_DATA
+
     p = sub.add_parser(
         "demo",
         help="the end-to-end demo (what `make demo` runs)",
-        description="Pretrain every objective on a built-in set with a step budget, then compare them.",
+        description="Pretrain every objective on a built-in set, in parallel processes, then compare them.",
     )
     p.add_argument(
-        "--data", default=DEMO_DATA, choices=["shapes", "digits"], help=f"built-in set (default {DEMO_DATA})"
+        "overrides", nargs="*", metavar="key=value", help="recipe overrides for every run, e.g. model.depth=2"
+    )
+    p.add_argument(
+        "--data", default=DEMO_DATA, choices=["digits", "shapes"], help=f"built-in set (default {DEMO_DATA})"
     )
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step budget (default 1)")
+    p.add_argument("--objectives", nargs="+", metavar="NAME", help="only these objectives (default: all)")
+    p.add_argument("--jobs", type=int, help="runs at a time (default: one per core)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or chatter")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
+    from ssl_vit.demo import available_cores, headline
     from ssl_vit.eval.report import format_table
 
     start = time.perf_counter()
-    rows = demo(args.data, args.steps_scale, args.out, args.quiet)
+    rows = demo(
+        args.data,
+        args.steps_scale,
+        args.out,
+        args.quiet,
+        args.jobs,
+        args.threads,
+        args.overrides,
+        args.objectives,
+    )
+    print(headline(rows))
     print(format_table(rows))
     report = args.out / "compare"
     print(f"report: {report / 'report.md'}; charts: {report / 'compare.png'}, {report / 'compute.png'}")
@@ -714,7 +837,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     print(
         f"backbones: {args.out}/<objective>/backbone (timm.create_model('local-dir:<folder>', pretrained=True))"
     )
-    print(f"demo finished in {time.perf_counter() - start:.0f}s")
+    print(f"demo finished in {time.perf_counter() - start:.0f}s on {available_cores()} cores")
 
 
 def _add_show(sub: Any) -> None:
@@ -805,8 +928,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides may come before, between or after options
+    (argparse alone stops collecting a positional list at the first option)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        misplaced = [w for w in extra if "=" in w and not w.startswith("-")]
+        if hasattr(args, "overrides") and len(misplaced) == len(extra):
+            args.overrides = [*args.overrides, *misplaced]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s"
     )

@@ -116,6 +116,11 @@ class EvalConfig:
     knn_temperature: float = 0.07
     shots: int = 10
     lowshot_draws: int = 5
+    # Online monitor while pretraining (`ssl_vit.eval.monitor`): k-NN top-1 and RankMe of the backbone
+    # an export would write, on a fixed stratified subset of the TRAIN split (never test), every N
+    # optimizer steps and at the last, into metrics.jsonl. None or 0: off.
+    online_every_steps: int | None = None
+    online_samples: int = 500  # train images it uses (all when fewer): half memory bank, half queries
 
 
 @dataclass

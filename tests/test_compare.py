@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from ssl_vit.eval.compare import Protocol, compare
 from ssl_vit.eval.features import EvalModel
-from ssl_vit.eval.report import COLUMNS, format_table
+from ssl_vit.eval.report import COLUMNS, format_table, table_cells
 
 from ssl_vit.cli import export, pretrain
+from ssl_vit.errors import RecipeError
 from tests.conftest import TINY
 
 FIELDS = {
@@ -30,6 +31,7 @@ FIELDS = {
     "knn_top1_std",
     "finetune_top1",
     "finetune_top1_std",
+    "finetune_shots",
 }
 
 
@@ -66,6 +68,7 @@ def test_compare_writes_every_file_with_baselines_and_aggregates_runs(
     assert all(set(r) == FIELDS for r in rows)
     raw, rand, pair, exported = rows
     assert raw["finetune_top1"] is None and raw["pretrain_flops"] == 0.0 and raw["shots"] == 5
+    assert raw["finetune_shots"] is None and rand["finetune_shots"] == 0  # 0: all training labels
     assert rand["finetune_top1"] == pytest.approx(0.55) and rand["finetune_top1_std"] is not None
     # two seeds of one recipe: one row, mean ± std over runs
     assert pair["n_runs"] == 2 and pair["name"] == "sup-s" and pair["pretrain_flops"] == 1e9
@@ -81,6 +84,40 @@ def test_compare_writes_every_file_with_baselines_and_aggregates_runs(
     report = (out / "report.md").read_text()
     assert "| raw pixels | raw_pixels |" in report and "| random init | random_init |" in report
     assert "5-shot probe" in format_table(rows) and (runs[0] / "eval" / "compare.json").is_file()
+    assert table_cells(rows)[0][-1] == "fine-tune"  # all labels: no K in the column name
+
+
+def test_compare_with_finetune_shots_labels_the_column_and_records_k(
+    runs: list[Path], tmp_path: Path
+) -> None:
+    calls: list[tuple[str, int, str]] = []
+
+    def recording_finetune(model: EvalModel, seed: int, out: Path) -> float:
+        calls.append((model.name, seed, out.name))
+        return 0.5 + 0.1 * seed
+
+    protocol = Protocol(probe=False, knn=True, finetune=True, finetune_shots=4, seeds=2, shots=0)
+    out = tmp_path / "report"
+    rows = compare([runs[2]], out, protocol, tmp_path / "cache", None, recording_finetune)
+    # every input and the random-init baseline: the fine-tune seeds 0 and 1, which pick the draws
+    assert [(name, seed) for name, seed, _ in calls] == [
+        ("random init", 0),
+        ("random init", 1),
+        ("exported", 0),
+        ("exported", 1),
+    ]
+    assert calls[0][2] == "random_init-4shot-seed0"
+    raw, rand, exported = rows
+    assert raw["finetune_shots"] is None and rand["finetune_shots"] == exported["finetune_shots"] == 4
+    assert json.loads((out / "results.json").read_text())[2]["finetune_shots"] == 4
+    with (out / "results.csv").open() as f:
+        assert [t["finetune_shots"] for t in csv.DictReader(f)] == ["", "4", "4"]
+    table = format_table(rows)
+    assert "fine-tune 4-shot" in table.splitlines()[0]
+    report = (out / "report.md").read_text()
+    assert "| fine-tune 4-shot |" in report and "finetune_shots=4" in report
+    with pytest.raises(RecipeError, match="needs --finetune"):
+        compare([runs[2]], out, Protocol(finetune=False, finetune_shots=4), tmp_path / "cache")
 
 
 def test_compare_without_finetune_leaves_nulls(runs: list[Path], tmp_path: Path) -> None:

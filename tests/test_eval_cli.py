@@ -68,6 +68,39 @@ def test_finetune_json_writes_into_the_run(run: Path, capsys: pytest.CaptureFixt
     assert list((run / "eval" / "finetune" / "checkpoints").glob("step-*"))
 
 
+def test_finetune_shots_reports_mean_and_std_over_draws(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["finetune", str(run), "--shots", "2", "--seeds", "2", "--steps", "2", "--quiet"]
+    assert main([*args, "--json"]) == 0
+    result = last_json(capsys)
+    assert result["shots"] == 2 and result["draws"] == 2 and result["seeds"] == [0, 1]
+    assert len(result["per_draw"]) == 2 and result["top1_std"] is not None
+    assert [r["batch_size"] for r in result["runs"]] == [20, 20]  # 2 shots x 10 classes, not the full split
+    saved = json.loads((run / "eval" / "finetune_lowshot_2.json").read_text())
+    assert saved["per_draw"] == result["per_draw"]
+    assert (run / "eval" / "finetune_lowshot_2" / "seed1" / "metrics.jsonl").is_file()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fine-tune 2-shot top-1:" in out and " ± " in out and "over 2 seed(s)" in out
+    assert main(["finetune", str(run), "--shots", "500", "--quiet"]) == 2  # more than a class holds
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "shots 500" in err[0]
+
+
+def test_compare_finetune_shots_runs_k_shot_and_labels_the_column(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cmp = tmp_path / "cmp"
+    args = ["compare", str(run), "--out", str(cmp), "--finetune", "--finetune-shots", "2", "--seeds", "1"]
+    assert main([*args, "--finetune-steps", "1", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert "fine-tune 2-shot" in capsys.readouterr().out
+    rows = json.loads((cmp / "results.json").read_text())
+    assert [r["finetune_shots"] for r in rows] == [None, 2, 2]
+    plan = json.loads((cmp / "finetune" / "random_init-2shot-seed0" / "train_state.json").read_text())
+    assert plan["per_device_batch"] == 20  # trained on the 2-shot draw, not the full split
+
+
 def test_compare_prints_the_table(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["compare", str(run), "--out", str(tmp_path / "cmp"), "--knn", "--cache-dir", str(tmp_path / "c")]
     assert main(args) == 0
@@ -83,6 +116,7 @@ def test_compare_prints_the_table(run: Path, tmp_path: Path, capsys: pytest.Capt
         (["compare", "/no/such/run", "--out", "x"], "does not exist"),
         (["probe", "RUN", "--shots", "500"], "shots 500"),
         (["knn", "RUN", "--k", "0"], "k >= 1"),
+        (["compare", "RUN", "--out", "x", "--finetune-shots", "5"], "needs --finetune"),
     ],
 )
 def test_user_mistakes_exit_2(
@@ -97,16 +131,41 @@ def test_user_mistakes_exit_2(
 def test_demo_on_digits_at_a_tiny_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The real demo path with a tiny model and a cheaper probe grid, to keep the suite fast."""
-    monkeypatch.setattr(cli, "DEMO_OVERRIDES", [*cli.DEMO_OVERRIDES, *TINY])
+    """The real demo path (every objective pretrained in its own process, 2 at a time, evaluations in
+    2 processes) with a tiny model and a cheaper probe grid, to keep the suite fast."""
     monkeypatch.setattr(cli, "DEMO_PROTOCOL", {**cli.DEMO_PROTOCOL, "seeds": 2, "probe_cs": [1.0]})
-    assert main(["demo", "--data", "digits", "--steps-scale", "0.02", "--out", str(tmp_path), "--quiet"]) == 0
+    args = ["demo", *TINY, "--steps-scale", "0.02", "--jobs", "2", "--threads", "1", "--out", str(tmp_path)]
+    assert main([*args, "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "raw pixels" in out and "supervised" in out and "fine-tune" in out and "demo finished" in out
+    assert out.startswith("With 10 labels per class, ")  # the headline opens the report
+    assert "raw pixels" in out and "supervised" in out and "fine-tune 10-shot" in out
+    assert "demo finished" in out and "cores" in out
     rows = json.loads((tmp_path / "compare" / "results.json").read_text())
-    pretrained = [r.split("/")[1] for r in cli.demo_recipes("digits")]
-    assert "supervised" in pretrained and len(pretrained) == len(objectives.names())
+    pretrained = objectives.names()
     assert [r["objective"] for r in rows] == ["raw_pixels", "random_init", *pretrained]
     assert all(r["finetune_top1"] is not None and r["lowshot_top1"] is not None for r in rows[2:])
+    assert all(r["finetune_shots"] == 10 for r in rows[1:])
     assert (tmp_path / "supervised" / "backbone" / "config.json").is_file()
     assert {"curves.png", "embedding.png"} <= {p.name for p in (tmp_path / "compare" / "figures").iterdir()}
+
+
+def test_parallel_demo_writes_the_figures_of_a_sequential_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same recipes and seeds, 2 processes at a time or 1: the same results.json figures."""
+    monkeypatch.setattr(cli, "DEMO_PROTOCOL", {**cli.DEMO_PROTOCOL, "seeds": 2, "probe_cs": [1.0]})
+    results = []
+    for jobs in ("2", "1"):
+        out = tmp_path / f"jobs{jobs}"
+        args = ["demo", *TINY, "--objectives", "supervised", "mae", "--steps-scale", "0.02"]
+        assert main([*args, "--jobs", jobs, "--threads", "1", "--out", str(out), "--quiet"]) == 0
+        rows = json.loads((out / "compare" / "results.json").read_text())
+        results.append([{k: v for k, v in r.items() if k != "pretrain_seconds"} for r in rows])
+    assert [r["objective"] for r in results[0]] == ["raw_pixels", "random_init", "mae", "supervised"]
+    assert results[0] == results[1]
+
+
+def test_demo_refuses_an_objective_without_a_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--objectives", "mae", "nope", "--out", "unused", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no digits recipe for nope" in err[0]

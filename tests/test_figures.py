@@ -25,7 +25,15 @@ from ssl_vit.config import RECIPES_DIR
 from ssl_vit.figures import show, write_compare_figures
 from ssl_vit.figures._mpl import pixel_size
 from ssl_vit.figures.attention import attention_layout, cls_attention
-from ssl_vit.figures.curves import COLS, PANEL_H, PANEL_W, curve_keys, curves_layout, read_metrics
+from ssl_vit.figures.curves import (
+    COLS,
+    PANEL_H,
+    PANEL_W,
+    curve_keys,
+    curves_layout,
+    draw_curves,
+    read_metrics,
+)
 from ssl_vit.figures.embedding import embedding_size, project_2d
 from ssl_vit.figures.reconstruction import HIDDEN_GREY, reconstruct, reconstruction_layout
 from ssl_vit.figures.source import open_source, pick_images
@@ -243,3 +251,18 @@ def test_metrics_reader_skips_what_is_not_a_record(tmp_path: Path) -> None:
     path.write_text("\n".join([json.dumps({"step": 1, "loss": 2.0}), "[]", json.dumps({"x": 1}), "{bad"]))
     assert read_metrics(path) == [{"step": 1, "loss": 2.0}]
     assert read_metrics(tmp_path / "missing.jsonl") == []
+
+
+def test_online_monitor_panels_follow_throughput_and_their_cost_is_not_drawn(tmp_path: Path) -> None:
+    recs: list[dict[str, float]] = [
+        {"step": s, "loss": 1.0 / s, "lr": 1e-3, "images_per_sec": 100.0, "grad_norm": 1.0}
+        for s in range(1, 11)
+    ]
+    for r in recs[4::5]:  # measured every 5 steps only
+        r.update(knn_top1=0.5, rankme=3.0, monitor_seconds=0.1)
+    keys = curve_keys({"run": recs})
+    assert keys == ["loss", "lr", "images_per_sec", "knn_top1", "rankme", "grad_norm"]
+    assert "knn_top1" not in curve_keys({"run": recs[:4]})  # absent when the run did not measure
+    out = draw_curves({"run": recs}, tmp_path / "curves.png")
+    rows, _ = curves_layout(len(keys))
+    assert decoded_size(out) == pixel_size(rows, COLS, PANEL_W, PANEL_H)

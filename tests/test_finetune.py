@@ -1,18 +1,31 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from ssl_vit.eval.features import EvalModel
-from ssl_vit.eval.finetune import FineTune, FinetuneConfig, build_optimizer, finetune
+from ssl_vit.eval import finetune as finetune_module
+from ssl_vit.eval.features import EvalModel, split_images
+from ssl_vit.eval.finetune import (
+    LOWSHOT_DEFAULTS,
+    FineTune,
+    FinetuneConfig,
+    build_optimizer,
+    default_config,
+    finetune,
+    finetune_draws,
+    lowshot_split,
+)
+from ssl_vit.eval.linear_probe import few_shot_indices
 from timm.layers import DropPath
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import CkptConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.engine.loop import fit
-from ssl_vit.errors import RecipeError
+from ssl_vit.errors import DataError, RecipeError
 from ssl_vit.types import Batch
 from tests.conftest import tiny_model_config
 
@@ -106,3 +119,60 @@ def test_finetune_resumes_from_its_checkpoint_and_restarts_clean(tmp_path: Path)
     fresh = finetune(model, tmp_path, cfg)  # no resume: a clean start, not appended logs
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert fresh["resumed_from"] is None and [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_lowshot_draw_is_k_per_class_from_train_seeded_and_the_probes_draw(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    splits: list[str] = []
+
+    def recorded(data: str, split: str, img_size: int, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
+        splits.append(split)
+        return split_images(data, split, img_size, in_chans)
+
+    monkeypatch.setattr(finetune_module, "split_images", recorded)
+    images, labels, idx = lowshot_split("digits", 16, 1, 5, seed=0)
+    train_images, train_labels = split_images("digits", "train", 16, 1)
+    assert splits == ["train"]  # the test split is never read
+    assert images.shape == (50, 1, 16, 16) and np.bincount(labels.numpy()).tolist() == [5] * 10
+    assert len(set(idx.tolist())) == 50 and torch.equal(images, train_images[idx])
+    assert torch.equal(labels, train_labels[idx])
+    # the K-shot probe's draw of the same seed: probe and fine-tune train on the same images
+    assert np.array_equal(idx, np.sort(few_shot_indices(train_labels.numpy(), 5, 0)))
+    assert np.array_equal(lowshot_split("digits", 16, 1, 5, seed=0)[2], idx)  # deterministic per seed
+    assert not np.array_equal(lowshot_split("digits", 16, 1, 5, seed=1)[2], idx)  # another seed, another draw
+    with pytest.raises(DataError, match="shots 500"):
+        lowshot_split("digits", 16, 1, 500, seed=0)
+
+
+def test_lowshot_finetune_trains_on_the_draw_only(tmp_path: Path) -> None:
+    model = EvalModel(Backbone.from_config(tiny_model_config()), 16, 1, [0.5], [0.5], "digits")
+    result = finetune(model, tmp_path, FinetuneConfig(steps=3, batch_size=64, warmup_steps=1, shots=2))
+    # 2 shots x 10 classes = 20 images: the batch shrinks to the draw, one batch per epoch
+    assert result["shots"] == 2 and result["batch_size"] == 20 and result["images_seen"] == 60
+    assert 0.0 <= result["top1"] <= 1.0
+    with pytest.raises(RecipeError, match="shots"):
+        finetune(model, tmp_path, FinetuneConfig(steps=1, shots=-1))
+
+
+def test_finetune_draws_reports_mean_and_std_over_seeded_draws(tmp_path: Path) -> None:
+    model = EvalModel(Backbone.from_config(tiny_model_config()), 16, 1, [0.5], [0.5], "digits")
+    cfg = FinetuneConfig(steps=2, batch_size=20, warmup_steps=0, shots=2, seed=3)
+    result = finetune_draws(model, tmp_path, cfg, draws=2)
+    assert result["seeds"] == [3, 4] and [r["seed"] for r in result["runs"]] == [3, 4]
+    assert result["shots"] == 2 and result["draws"] == 2 and len(result["per_draw"]) == 2
+    assert result["per_draw"] == [r["top1"] for r in result["runs"]]
+    assert result["top1"] == pytest.approx(np.mean(result["per_draw"]))
+    assert result["top1_std"] == pytest.approx(np.std(result["per_draw"], ddof=1))
+    assert all((tmp_path / f"seed{s}" / "metrics.jsonl").is_file() for s in (3, 4))
+    assert finetune_draws(model, tmp_path / "one", cfg, draws=1)["top1_std"] is None
+    with pytest.raises(RecipeError, match="draws"):
+        finetune_draws(model, tmp_path, cfg, draws=0)
+
+
+def test_lowshot_defaults_apply_only_with_shots() -> None:
+    assert default_config() == FinetuneConfig()  # all labels: today's protocol, unchanged
+    lowshot = default_config(10)
+    assert lowshot.shots == 10 and {k: getattr(lowshot, k) for k in LOWSHOT_DEFAULTS} == LOWSHOT_DEFAULTS
+    full_budget = {k: getattr(FinetuneConfig(), k) for k in LOWSHOT_DEFAULTS}
+    assert replace(lowshot, **full_budget) == FinetuneConfig(shots=10)  # only the budget differs

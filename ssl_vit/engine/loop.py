@@ -21,7 +21,7 @@ from accelerate.utils import gather_object, set_seed
 
 from ssl_vit.config import CkptConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.engine.ema import check_pairs, ema_update
-from ssl_vit.engine.metrics import MetricsWriter, metrics_record, progress_bar, write_json
+from ssl_vit.engine.metrics import MetricsWriter, metrics_record, monitor_record, progress_bar, write_json
 from ssl_vit.engine.setup import (
     check_config,
     ensure_writable,
@@ -69,6 +69,8 @@ def fit(
     resume: Path | None = None,
     data_stats: Callable[[], dict[str, float]] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    monitor: Callable[[], dict[str, float]] | None = None,
+    monitor_every: int = 0,
 ) -> FitResult:
     """Train `objective`; write `metrics.jsonl`, `train_state.json` and `checkpoints/` into `run_dir`.
 
@@ -77,7 +79,12 @@ def fit(
     continue from exactly. `data_stats`, when given, returns counters (e.g. skipped corrupt
     samples) logged with each metrics record. `optimizer`, when given, replaces AdamW over
     `param_groups` (fine-tuning passes timm's layer-decay groups); a group's `lr_scale` multiplies
-    the scheduled lr either way. Raises `TrainingError` after `train.max_bad_steps`
+    the scheduled lr either way. `monitor`, when given (the caller passes it to the main process
+    only), measures the current weights (e.g. online k-NN and RankMe) every `monitor_every` steps and
+    at the last; its values join that step's metrics record, which is written even off the
+    `log.every_steps` grid (every process gets the same `monitor_every`, so all of them take part in
+    the record's all-reduce; the others wait there while the main process measures). Its time is in
+    the run's seconds, not in `images_per_sec`. Raises `TrainingError` after `train.max_bad_steps`
     non-finite steps in a row and `TrainingInterrupted` after SIGTERM/SIGINT (checkpoint written).
     """
     check_config(optim, train, ckpt, logcfg)
@@ -162,12 +169,17 @@ def fit(
                     state.bad_in_a_row,
                 )
             bar.update(1)
-            if state.step % logcfg.every_steps == 0 or state.step == plan.total_steps:
+            last = state.step == plan.total_steps
+            measure = monitor_every > 0 and (state.step % monitor_every == 0 or last)
+            if state.step % logcfg.every_steps == 0 or last or measure:
                 now = time.perf_counter()
                 rate = images_since_log / max(now - tick, 1e-9)
                 record = metrics_record(accelerator, result, state, (lr, wd, momentum), rate)
                 if data_stats is not None:
                     record.update({f"data_{k}": v for k, v in data_stats().items()})
+                if measure and monitor is not None:
+                    record.update(monitor_record(monitor))
+                    now = time.perf_counter()  # measuring is not training throughput
                 metrics.write(record)
                 if logcfg.tensorboard:
                     accelerator.log(record, step=state.step)

@@ -10,6 +10,8 @@ import math
 import os
 import resource
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +116,11 @@ def metrics_record(
         record["ema_momentum"] = momentum
     record.update(dict(zip(names, logs, strict=True)))
     return record
+
+
+def monitor_record(monitor: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The monitor's measures of the current weights, plus `monitor_seconds`: what they cost."""
+    start = time.perf_counter()
+    measures = dict(monitor())
+    measures["monitor_seconds"] = time.perf_counter() - start
+    return measures

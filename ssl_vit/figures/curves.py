@@ -1,8 +1,9 @@
 """Training curves from `metrics.jsonl`: one panel per logged quantity against the optimiser step.
 
-Loss, learning rate and throughput come first, then whatever else was logged (gradient norm, the
-objective's own logs such as accuracy or DINO's teacher entropy). Several runs share the panels, one
-line each, so `ssl-vit show A B --curves` overlays them.
+Loss, learning rate and throughput come first, then the online monitor's k-NN top-1 and RankMe where
+the run measured them (every `eval.online_every_steps`, so on fewer steps than the loss), then
+whatever else was logged (gradient norm, the objective's own logs such as accuracy or DINO's teacher
+entropy). Several runs share the panels, one line each, so `ssl-vit show A B --curves` overlays them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ from matplotlib.ticker import MaxNLocator
 
 from ssl_vit.figures._mpl import FONT, grid_figure, save
 
-FIRST = ("loss", "lr", "images_per_sec")
-NOT_CURVES = {"step", "epoch", "images_seen"}
-LABELS = {"loss": "loss", "lr": "learning rate", "images_per_sec": "images / s", "grad_norm": "gradient norm"}
+FIRST = ("loss", "lr", "images_per_sec", "knn_top1", "rankme")
+NOT_CURVES = {"step", "epoch", "images_seen", "monitor_seconds"}
+LABELS = {
+    "loss": "loss",
+    "lr": "learning rate",
+    "images_per_sec": "images / s",
+    "grad_norm": "gradient norm",
+    "knn_top1": "online k-NN top-1 (train subset)",
+    "rankme": "RankMe (effective rank)",
+}
 COLS = 3
 PANEL_W, PANEL_H = 3.4, 2.4  # inches
 

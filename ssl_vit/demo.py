@@ -1,0 +1,171 @@
+"""`ssl-vit demo`: every objective pretrained on a built-in set, side by side, on all the cores.
+
+Each objective pretrains in a process of its own (`python -m ssl_vit pretrain ...`), `jobs` at a time
+with `threads` intra-op threads each: a tiny ViT does not use two threads well, so two one-thread
+processes on two cores finish about twice the steps of one two-thread process. The evaluations then
+run in parallel too (`compare(..., jobs=...)`). Processes share nothing but the built-in set's shard
+cache, which is written atomically, so the figures do not depend on `jobs`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ssl_vit.errors import SslVitError
+
+log = logging.getLogger(__name__)
+
+DEMO_DATA = "digits"  # every self-supervised objective clears random init there (BENCHMARKS.md)
+# Pretraining steps per objective, before --steps-scale: a share of each recipe's budget sized so
+# that `make demo` (install included) stays under 10 minutes on a 2-core machine with 2 jobs.
+DEMO_STEPS: dict[str, dict[str, int]] = {
+    "digits": {"supervised": 300, "mpp": 600, "mae": 1000, "simclr": 500, "mocov3": 500, "dino": 400},
+    "shapes": {"supervised": 200, "mpp": 200, "mae": 300, "simclr": 80, "mocov3": 50, "dino": 40},
+}
+DEMO_DEFAULT_STEPS = 150
+DEMO_OVERRIDES = ("ckpt.keep_last=1", "eval.online_every_steps=0")  # recipe overrides for every run
+
+
+class DemoError(SslVitError):
+    """A demo step failed; the message names the run and its own error line."""
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass
+class PretrainJob:
+    """One `ssl-vit pretrain` run of the demo."""
+
+    name: str
+    recipe: str
+    overrides: list[str]
+    out: Path
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "ssl_vit",
+            "pretrain",
+            self.recipe,
+            *self.overrides,
+            "--out",
+            str(self.out),
+        ]
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[key] = str(threads)
+    return env
+
+
+def _last_error(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["no output"])[-1].removeprefix("error: ")
+
+
+def run_pretraining(
+    jobs: Sequence[PretrainJob],
+    workers: int,
+    threads: int,
+    on_done: Callable[[PretrainJob, dict[str, Any]], None] | None = None,
+) -> list[Path]:
+    """Run every job as its own process, `workers` at a time; returns the run directories in job
+    order. `on_done(job, summary)` is called as each finishes. The first failure stops the rest."""
+
+    def run(job: PretrainJob) -> dict[str, Any]:
+        done = subprocess.run(
+            job.command() + ["--quiet"], env=_thread_env(threads), capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise DemoError(f"pretraining {job.name} failed: {_last_error(done.stderr)}")
+        return dict(json.loads((job.out / "summary.json").read_text()))
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(run, job): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                summary = future.result()
+                if on_done is not None:
+                    on_done(futures[future], summary)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return [job.out for job in jobs]
+
+
+def demo_jobs(
+    data: str,
+    steps_scale: float,
+    out: Path,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+) -> list[PretrainJob]:
+    """Every registered objective with a recipe for `data` (or those in `only`), on its demo budget."""
+    from ssl_vit import objectives
+    from ssl_vit.config import RECIPES_DIR
+    from ssl_vit.errors import RecipeError
+
+    if steps_scale <= 0:
+        raise RecipeError(f"--steps-scale must be positive, got {steps_scale}")
+    names = [n for n in objectives.names() if (RECIPES_DIR / data / f"{n}.yaml").is_file()]
+    if not names:
+        raise RecipeError(f"no recipes under recipes/{data}/ for any registered objective")
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise RecipeError(
+            f"--objectives: no {data} recipe for {', '.join(unknown)}; choose from {', '.join(names)}"
+        )
+    names = [n for n in names if only is None or n in only]
+    jobs = []
+    for name in names:
+        steps = max(1, round(DEMO_STEPS.get(data, {}).get(name, DEMO_DEFAULT_STEPS) * steps_scale))
+        extra = [f"train.max_steps={steps}", *DEMO_OVERRIDES, *overrides]
+        jobs.append(PretrainJob(name, f"{data}/{name}", extra, out / name))
+    return jobs
+
+
+def headline(rows: Sequence[dict[str, Any]]) -> str:
+    """One sentence saying what the comparison shows: the best self-supervised backbone's K-shot
+    probe against raw pixels and the random-initialised backbone, with supervised as the ceiling."""
+    by_objective = {r["objective"]: r for r in rows}
+    learned = [r for r in rows if r["objective"] not in ("raw_pixels", "random_init", "supervised")]
+    scored = [r for r in learned if r.get("lowshot_top1") is not None]
+    if not scored or "raw_pixels" not in by_objective:
+        return ""
+    best = max(scored, key=lambda r: r["lowshot_top1"])
+    raw, rand = by_objective["raw_pixels"], by_objective.get("random_init", {})
+    text = (
+        f"With {best.get('shots')} labels per class, {best['objective']} features reach "
+        f"{100 * best['lowshot_top1']:.1f}% against {100 * raw['lowshot_top1']:.1f}% for raw pixels"
+    )
+    if rand.get("lowshot_top1") is not None:
+        text += f" and {100 * rand['lowshot_top1']:.1f}% for the random-initialised backbone"
+    sup = by_objective.get("supervised", {})
+    if sup.get("linear_probe_top1") is not None:
+        text += f"; supervised pretraining on every label gives {100 * sup['linear_probe_top1']:.1f}% (linear probe)"
+    return text + "."
+
+
+def elapsed(start: float) -> str:
+    return f"{time.perf_counter() - start:.0f}s"
