@@ -1,8 +1,8 @@
 """k-NN quality of each objective's backbone after pretraining with its recipe (digits or shapes).
 
 Pretrains through `ssl_vit.cli.pretrain` and scores frozen features with the evaluators' own k-NN
-(`ssl_vit.eval.knn`: k=20, cosine, T=0.07; Wu et al. 2018 / DINO's protocol), on each recipe's
-`eval.feature`. Two baselines per seed: the random-initialised backbone (the one every objective
+(`ssl_vit.eval.knn`: k=20, cosine, T=0.07; Wu et al. 2018 / DINO's protocol) and 10-shot linear probe
+(5 seeded draws), on each recipe's `eval.feature`. Two baselines per seed: the random-initialised backbone (the one every objective
 must beat by 10 points) and raw pixels.
 
     python bench/quality.py --data digits --seeds 0 1 2 --threads 1
@@ -37,6 +37,7 @@ from ssl_vit.eval.features import (
     split_images,
 )
 from ssl_vit.eval.knn import knn_classify
+from ssl_vit.eval.linear_probe import lowshot_probe
 
 import ssl_vit.data.shapes
 from ssl_vit.backbone import Backbone
@@ -51,6 +52,11 @@ Split = tuple[np.ndarray, np.ndarray]
 
 def knn_top1(train: Split, test: Split) -> float:
     return float(knn_classify(*train, *test, device=torch.device("cpu"))["top1"])
+
+
+def lowshot_top1(train: Split, test: Split, shots: int) -> float:
+    """The evaluators' K-shot linear probe, mean over 5 seeded draws (the same draws for every row)."""
+    return float(lowshot_probe(*train, *test, shots, draws=5)["top1"])
 
 
 def background_colour(data: str, split: str, size: int, chans: int) -> np.ndarray:
@@ -106,13 +112,25 @@ def features(data: str, name: str, seed: int, out: Path, overrides: list[str]) -
     return split_features(model, "train", kind), split_features(model, "test", kind)
 
 
+def mean_std(values: list[float]) -> str:
+    spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.1f}{spread}"
+
+
 def summarise(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'objective':<12} {'k-NN top-1, mean ± std over seeds':>36}  seeds")
+    """Mean ± std over seeds per objective: k-NN, the K-shot probe where measured, pretraining time."""
+    print(
+        f"\n{'objective':<12} {'k-NN top-1':>12} {'K-shot probe':>14} {'steps':>6} {'pretrain s':>11}  seeds"
+    )
     for name in dict.fromkeys(r["objective"] for r in rows):
-        vals = [100 * r["knn_top1"] for r in rows if r["objective"] == name]
-        spread = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
-        seeds = ",".join(str(r["seed"]) for r in rows if r["objective"] == name)
-        print(f"{name:<12} {statistics.mean(vals):>29.1f}%{spread:<6}  {seeds}")
+        mine = [r for r in rows if r["objective"] == name]
+        knn = mean_std([100 * r["knn_top1"] for r in mine])
+        shot_key = next((k for k in mine[0] if k.startswith("lowshot")), None)
+        shots = mean_std([100 * r[shot_key] for r in mine if shot_key in r]) if shot_key else "—"
+        steps = mine[0].get("steps", "—")
+        secs = mean_std([r["pretrain_seconds"] for r in mine]) if "pretrain_seconds" in mine[0] else "—"
+        seeds = ",".join(str(r["seed"]) for r in mine)
+        print(f"{name:<12} {knn:>12} {shots:>14} {steps:>6} {secs:>11}  {seeds}")
 
 
 def main() -> None:
@@ -128,6 +146,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--grey", action="store_true", help="control: shapes rendered in grey (colour removed), own cache"
+    )
+    parser.add_argument(
+        "--shots", type=int, default=10, help="K of the K-shot linear probe per row (0: skip it; default 10)"
     )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (after --)")
     args = parser.parse_args()
@@ -153,9 +174,16 @@ def main() -> None:
             train, test = features(args.data, name, seed, args.out, args.overrides)
             row: dict[str, Any] = {"objective": name, "seed": seed, "knn_top1": knn_top1(train, test)}
             note = ""
+            if args.shots:
+                row[f"lowshot{args.shots}_top1"] = lowshot_top1(train, test, args.shots)
+                note += f", {args.shots}-shot probe {100 * row[f'lowshot{args.shots}_top1']:5.1f}%"
             if colour is not None:
                 row["bg_colour_knn_top1"] = knn_top1((train[0], colour[0]), (test[0], colour[1]))
-                note = f", background colour {100 * row['bg_colour_knn_top1']:5.1f}%"
+                note += f", background colour {100 * row['bg_colour_knn_top1']:5.1f}%"
+            summary = args.out / f"{args.data}-{name}-s{seed}" / "summary.json"
+            if name not in ("random_init", "raw_pixels") and summary.is_file():
+                done = json.loads(summary.read_text())
+                row.update(steps=done["steps"], pretrain_seconds=done["pretrain_seconds"])
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
             top1 = 100 * row["knn_top1"]

@@ -10,11 +10,9 @@ cache, which is written atomically, so the figures do not depend on `jobs`.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -23,17 +21,15 @@ from typing import Any
 
 from ssl_vit.errors import SslVitError
 
-log = logging.getLogger(__name__)
-
 DEMO_DATA = "digits"  # every self-supervised objective clears random init there (BENCHMARKS.md)
 # Pretraining steps per objective, before --steps-scale: a share of each recipe's budget sized so
 # that `make demo` (install included) stays under 10 minutes on a 2-core machine with 2 jobs.
 DEMO_STEPS: dict[str, dict[str, int]] = {
-    "digits": {"supervised": 300, "mpp": 600, "mae": 1000, "simclr": 500, "mocov3": 500, "dino": 400},
+    "digits": {"supervised": 200, "mpp": 400, "mae": 700, "simclr": 250, "mocov3": 200, "dino": 200},
     "shapes": {"supervised": 200, "mpp": 200, "mae": 300, "simclr": 80, "mocov3": 50, "dino": 40},
 }
 DEMO_DEFAULT_STEPS = 150
-DEMO_OVERRIDES = ("ckpt.keep_last=1", "eval.online_every_steps=0")  # recipe overrides for every run
+DEMO_OVERRIDES = ("ckpt.keep_last=1",)  # recipe overrides for every run
 
 
 class DemoError(SslVitError):
@@ -67,6 +63,7 @@ class PretrainJob:
             *self.overrides,
             "--out",
             str(self.out),
+            "--quiet",
         ]
 
 
@@ -90,12 +87,11 @@ def run_pretraining(
     on_done: Callable[[PretrainJob, dict[str, Any]], None] | None = None,
 ) -> list[Path]:
     """Run every job as its own process, `workers` at a time; returns the run directories in job
-    order. `on_done(job, summary)` is called as each finishes. The first failure stops the rest."""
+    order. `on_done(job, summary)` is called as each finishes. After the first failure no new job
+    starts; the ones running finish, then the failure is raised."""
 
     def run(job: PretrainJob) -> dict[str, Any]:
-        done = subprocess.run(
-            job.command() + ["--quiet"], env=_thread_env(threads), capture_output=True, text=True
-        )
+        done = subprocess.run(job.command(), env=_thread_env(threads), capture_output=True, text=True)
         if done.returncode != 0:
             raise DemoError(f"pretraining {job.name} failed: {_last_error(done.stderr)}")
         return dict(json.loads((job.out / "summary.json").read_text()))
@@ -165,7 +161,3 @@ def headline(rows: Sequence[dict[str, Any]]) -> str:
     if sup.get("linear_probe_top1") is not None:
         text += f"; supervised pretraining on every label gives {100 * sup['linear_probe_top1']:.1f}% (linear probe)"
     return text + "."
-
-
-def elapsed(start: float) -> str:
-    return f"{time.perf_counter() - start:.0f}s"

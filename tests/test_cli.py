@@ -80,3 +80,16 @@ def test_help_and_version() -> None:
     assert proc.returncode == 0 and "pretrain" in proc.stdout and "probe" in proc.stdout
     assert run_cli(["--version"]).stdout.startswith("ssl-vit ")
     assert "key=value" in run_cli(["pretrain", "--help"]).stdout
+
+
+def test_overrides_may_follow_options(tmp_path: Path) -> None:
+    """`key=value` words after `--out` or `--quiet` are overrides too, as users write them."""
+    out = tmp_path / "late"
+    assert (
+        main(["pretrain", "digits/supervised", "--out", str(out), *TINY, "--quiet", "train.max_steps=2"]) == 0
+    )
+    resolved = (out / "recipe.yaml").read_text()
+    assert "max_steps: 2" in resolved and "embed_dim: 32" in resolved
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    with pytest.raises(SystemExit):  # anything else unknown is still refused
+        main(["pretrain", "digits/supervised", "--out", str(out), "--bogus"])

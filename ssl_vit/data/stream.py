@@ -42,7 +42,6 @@ from ssl_vit.types import Batch
 log = logging.getLogger(__name__)
 
 
-
 class Views(Protocol):
     """What the stream asks of an augmentation (`ssl_vit.data.views.MultiView`): crops per image,
     then the rest on each collated batch."""

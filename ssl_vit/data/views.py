@@ -150,8 +150,12 @@ def blur(x: Tensor, size: int) -> Tensor:
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(chans, dim=0)  # (B*C, size)
     pad = size // 2
     flat = x.reshape(1, batch * chans, height, width)
-    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel[:, None, :, None], groups=batch * chans)
-    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=batch * chans)
+    flat = F.conv2d(
+        F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel[:, None, :, None], groups=batch * chans
+    )
+    flat = F.conv2d(
+        F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=batch * chans
+    )
     return flat.reshape(batch, chans, height, width)
 
 
