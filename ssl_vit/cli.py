@@ -454,11 +454,14 @@ def demo(
     todo = demo_jobs(data, steps_scale, out, overrides, only)
     bar = tqdm(total=len(todo) + 1, disable=quiet or not sys.stderr.isatty(), unit="run", dynamic_ncols=True)
 
+    done: list[str] = []
+
     def finished(job: PretrainJob, summary: dict[str, Any]) -> None:
+        done.append(job.name)
         bar.update(1)
         if not quiet:
             bar.write(
-                f"[{bar.n}/{len(todo)}] {job.name}: {summary['steps']} steps in "
+                f"[{len(done)}/{len(todo)}] {job.name}: {summary['steps']} steps in "
                 f"{summary['pretrain_seconds']:.0f}s, final loss {summary['final_loss']:.3f}"
             )
 

@@ -143,7 +143,8 @@ def demo_jobs(
 
 def headline(rows: Sequence[dict[str, Any]]) -> str:
     """One sentence saying what the comparison shows: the best self-supervised backbone's K-shot
-    probe against raw pixels and the random-initialised backbone, with supervised as the ceiling."""
+    probe against raw pixels and the random-initialised backbone, its K-shot fine-tune against the
+    same ViT fine-tuned from scratch where that was run, and supervised pretraining as the ceiling."""
     by_objective = {r["objective"]: r for r in rows}
     learned = [r for r in rows if r["objective"] not in ("raw_pixels", "random_init", "supervised")]
     scored = [r for r in learned if r.get("lowshot_top1") is not None]
@@ -153,10 +154,18 @@ def headline(rows: Sequence[dict[str, Any]]) -> str:
     raw, rand = by_objective["raw_pixels"], by_objective.get("random_init", {})
     text = (
         f"With {best.get('shots')} labels per class, {best['objective']} features reach "
-        f"{100 * best['lowshot_top1']:.1f}% against {100 * raw['lowshot_top1']:.1f}% for raw pixels"
+        f"{100 * best['lowshot_top1']:.1f}% (linear probe) against {100 * raw['lowshot_top1']:.1f}% for raw "
+        "pixels"
     )
     if rand.get("lowshot_top1") is not None:
         text += f" and {100 * rand['lowshot_top1']:.1f}% for the random-initialised backbone"
+    tuned = [r for r in learned if r.get("finetune_top1") is not None and r.get("finetune_shots")]
+    if tuned and rand.get("finetune_top1") is not None:
+        top = max(tuned, key=lambda r: r["finetune_top1"])
+        text += (
+            f"; fine-tuned on them, {top['objective']} reaches {100 * top['finetune_top1']:.1f}% against "
+            f"{100 * rand['finetune_top1']:.1f}% from scratch"
+        )
     sup = by_objective.get("supervised", {})
     if sup.get("linear_probe_top1") is not None:
         text += f"; supervised pretraining on every label gives {100 * sup['linear_probe_top1']:.1f}% (linear probe)"
