@@ -21,7 +21,7 @@ from typing import Any
 
 from ssl_vit.errors import SslVitError
 
-DEMO_DATA = "digits"  # every self-supervised objective clears random init there (BENCHMARKS.md)
+DEMO_DATA = "digits"  # the embedded default; its recipes and demo figures are in BENCHMARKS.md
 # Pretraining steps per objective, before --steps-scale: a share of each recipe's budget sized so
 # that `make demo` (install included) stays under 10 minutes on a 2-core machine with 2 jobs.
 DEMO_STEPS: dict[str, dict[str, int]] = {
