@@ -174,18 +174,7 @@ def lowshot_loader(
     """A map-style loader over one K-shot draw, augmented like `train_loader` (the engine reshuffles
     it with seed + epoch). The batch shrinks to the draw's size when the draw is smaller."""
     images, labels, _ = lowshot_split(model.data, model.img_size, model.in_chans, shots, seed)
-    views = MultiView(
-        spec,
-        model.img_size,
-        model.in_chans,
-        data.mean,
-        data.std,
-        data.aug_strength,
-        data.hflip,
-        data.crop_scale,
-        data.color_jitter,
-    )
-    dataset = _InMemory(images, labels, views)
+    dataset = _InMemory(images, labels, MultiView.for_data(spec, model.img_size, model.in_chans, data))
     return DataLoader(
         dataset,
         batch_size=min(batch_size, len(labels)),

@@ -139,13 +139,8 @@ def pretrain(
     monitor_every = online_every(recipe.eval)  # checked on every process; only the main one measures
     monitor = None
     if main and monitor_every:  # the backbone an export of this run would write
-        watched = (
-            _teacher_backbone(objective)
-            if default_weights(recipe.objective["name"]) == "teacher"
-            else objective.backbone
-        )
         monitor = online_monitor(
-            watched,
+            _exported_backbone(objective, recipe.objective["name"]),
             recipe.data.train,
             recipe.model.img_size,
             recipe.model.in_chans,
@@ -229,11 +224,16 @@ def _export_from_objective(
     from ssl_vit.export import export_backbone
 
     weights = default_weights(recipe.objective["name"])
-    backbone = _teacher_backbone(objective) if weights == "teacher" else objective.backbone
+    backbone = _exported_backbone(objective, recipe.objective["name"])
     extra = _export_info(recipe, run_dir, weights)
     if seconds is not None:
         extra.update(pretrain_seconds=seconds, images_seen=images)
     return export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
+
+
+def _exported_backbone(objective: Any, name: str) -> Any:
+    """The backbone an export of this objective writes: its teacher or its student."""
+    return _teacher_backbone(objective) if default_weights(name) == "teacher" else objective.backbone
 
 
 def _teacher_backbone(objective: Any) -> Any:

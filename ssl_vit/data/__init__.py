@@ -106,17 +106,7 @@ def train_loader(
     if count is None and cfg.samples_per_epoch is None:
         log.info("no manifest.json beside %s: counting its samples", cfg.train)
         count, _ = scan(shards.urls)
-    views = MultiView(
-        spec,
-        img_size,
-        in_chans,
-        cfg.mean,
-        cfg.std,
-        cfg.aug_strength,
-        cfg.hflip,
-        cfg.crop_scale,
-        cfg.color_jitter,
-    )
+    views = MultiView.for_data(spec, img_size, in_chans, cfg)
     return build_loader(
         shards.urls,
         count,

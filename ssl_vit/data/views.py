@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms import v2
 
+from ssl_vit.config import DataConfig
 from ssl_vit.errors import RecipeError
 from ssl_vit.types import ViewSpec
 
@@ -280,6 +281,22 @@ class MultiView:
             )
             for _ in range(spec.local_views)
         ]
+
+    @classmethod
+    def for_data(cls, spec: ViewSpec, img_size: int, in_chans: int, data: DataConfig) -> MultiView:
+        """The views of `spec` with a recipe's `data` settings (normalisation, strength, flips,
+        crop scale, colour jitter)."""
+        return cls(
+            spec,
+            img_size,
+            in_chans,
+            data.mean,
+            data.std,
+            data.aug_strength,
+            data.hflip,
+            data.crop_scale,
+            data.color_jitter,
+        )
 
     def crops(self, image: Tensor) -> list[Tensor]:
         """(C, H, W) -> each view's crop (C, size_i, size_i), still in the input's dtype."""
