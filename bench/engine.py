@@ -30,6 +30,7 @@ from ssl_vit.config import load_recipe
 from ssl_vit.data import class_names, train_loader
 from ssl_vit.engine.loop import fit
 from ssl_vit.optim import cosine_schedule, param_groups
+from ssl_vit.rundir import RunDir
 from ssl_vit.types import Batch
 
 PRESETS = {
@@ -118,8 +119,8 @@ def engine_loop(recipe: Any, objective: Any, batches: list[Batch], steps: int, w
             objective, loader, len(loader), recipe.optim, recipe.train, recipe.ckpt, recipe.log,
             Path(run_dir), recipe.seed, progress=False,
         )  # fmt: skip
-        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["images_per_sec"] / recipe.train.batch_size for line in lines]
+        records = RunDir(Path(run_dir)).metrics()
+    return [record["images_per_sec"] / recipe.train.batch_size for record in records]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch
 from ssl_vit.eval.features import load_eval_model, random_init_model
 from ssl_vit.eval.finetune import default_config, finetune
 
-from ssl_vit.config import load_recipe
+from ssl_vit.rundir import RunDir
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     pretrained = load_eval_model(args.run)
     models = {"pretrained": pretrained, "random": random_init_model(pretrained, 0)}
-    data = load_recipe(args.run / "recipe.yaml").data  # the run's augmentation, as `compare` uses
+    data = RunDir(args.run).recipe().data  # the run's augmentation, as `compare` uses
     base = default_config(args.shots)
     if args.lr is not None:
         base = replace(base, lr=args.lr)

@@ -1,6 +1,6 @@
 """k-NN quality of each objective's backbone after pretraining with its recipe (digits or shapes).
 
-Pretrains through `ssl_vit.cli.pretrain` and scores frozen features with the evaluators' own k-NN
+Pretrains through `ssl_vit.pretrain` and scores frozen features with the evaluators' own k-NN
 (`ssl_vit.eval.knn`: k=20, cosine, T=0.07; Wu et al. 2018 / DINO's protocol) and 10-shot linear probe
 (5 seeded draws), on each recipe's `eval.feature`. Two baselines per seed: the random-initialised backbone (the one every objective
 must beat by 10 points) and raw pixels.
@@ -40,9 +40,10 @@ from ssl_vit.eval.knn import knn_classify
 from ssl_vit.eval.linear_probe import lowshot_probe
 
 import ssl_vit.data.shapes
+from ssl_vit.api import pretrain
 from ssl_vit.backbone import Backbone
-from ssl_vit.cli import pretrain
 from ssl_vit.config import load_recipe
+from ssl_vit.rundir import RunDir
 
 OBJECTIVES = ["supervised", "mpp", "mae", "simclr", "mocov3", "dino"]
 
@@ -106,8 +107,8 @@ def features(data: str, name: str, seed: int, out: Path, overrides: list[str]) -
     else:
         run = out / f"{data}-{name}-s{seed}"
         pretrain(f"{data}/{name}", [f"seed={seed}", *overrides], run, quiet=True)
-        recipe = load_recipe(run / "recipe.yaml")
-        model = load_eval_model(run / "backbone", recipe.data.train)
+        recipe = RunDir(run).recipe()
+        model = load_eval_model(RunDir(run).backbone, recipe.data.train)
     kind = recipe.eval.feature  # the recipe's own feature (MPP: mean patch token)
     return split_features(model, "train", kind), split_features(model, "test", kind)
 
@@ -180,9 +181,8 @@ def main() -> None:
             if colour is not None:
                 row["bg_colour_knn_top1"] = knn_top1((train[0], colour[0]), (test[0], colour[1]))
                 note += f", background colour {100 * row['bg_colour_knn_top1']:5.1f}%"
-            summary = args.out / f"{args.data}-{name}-s{seed}" / "summary.json"
-            if name not in ("random_init", "raw_pixels") and summary.is_file():
-                done = json.loads(summary.read_text())
+            done = RunDir(args.out / f"{args.data}-{name}-s{seed}").summary()
+            if name not in ("random_init", "raw_pixels") and done:
                 row.update(steps=done["steps"], pretrain_seconds=done["pretrain_seconds"])
             row["seconds"] = time.perf_counter() - start
             rows.append(row)

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from ssl_vit.eval.features import (
     EvalModel,
     load_eval_model,
@@ -41,6 +40,7 @@ from ssl_vit.eval.linear_probe import DEFAULT_CS, linear_probe, lowshot_probe
 from ssl_vit.eval.report import write_report
 
 from ssl_vit.errors import RecipeError
+from ssl_vit.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _run_dir_of(model: EvalModel) -> Path | None:
     if model.run_dir is not None:
         return model.run_dir
     recorded = model.info.get("run_dir")
-    if recorded and (Path(recorded) / "recipe.yaml").is_file():
+    if recorded and RunDir(Path(recorded)).exists():
         return Path(recorded)
     return None
 
@@ -97,7 +97,7 @@ def _group_key(model: EvalModel) -> str:
     logging. Any other folder is a group of its own."""
     if model.run_dir is None:
         return f"path:{model.source.resolve() if model.source else model.name}"
-    recipe = yaml.safe_load((model.run_dir / "recipe.yaml").read_text())
+    recipe = asdict(RunDir(model.run_dir).recipe())
     for key in ("seed", "ckpt", "log"):
         recipe.pop(key, None)
     return json.dumps(recipe, sort_keys=True)
@@ -275,8 +275,7 @@ def compare(
     entries.append(_baseline_entry("random init", "random_init", scores[0], first))
     for model, model_scores in zip(models, scores[1:], strict=True):
         run_dir = _run_dir_of(model)
-        summary_path = run_dir / "summary.json" if run_dir else None
-        summary = json.loads(summary_path.read_text()) if summary_path and summary_path.is_file() else {}
+        summary = (RunDir(run_dir).summary() if run_dir else None) or {}
         entries.append(
             Entry(
                 model=model,

@@ -24,18 +24,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from torch import Tensor, nn
+from torch import Tensor
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.data import load_images
 from ssl_vit.errors import DataError, RecipeError
-from ssl_vit.export import load_backbone, read_export_config
+from ssl_vit.rundir import RunDir, weights_digest
+from ssl_vit.timm_export import load_backbone, read_export_config
 
 log = logging.getLogger(__name__)
 
 FEATURE_KINDS = ("cls", "avg", "cls4")
-CACHE_VERSION = 1  # bump when extraction changes what a cached file means
+CACHE_VERSION = 2  # bump when extraction changes what a cached file means
 
 Allocate = Callable[[tuple[int, int]], np.ndarray]
 
@@ -59,7 +59,7 @@ class EvalModel:
     @property
     def run_dir(self) -> Path | None:
         """The run directory, where evaluators write `eval/<name>.json`; None for other folders."""
-        if self.source is not None and (self.source / "recipe.yaml").is_file():
+        if self.source is not None and RunDir(self.source).exists():
             return self.source
         return None
 
@@ -68,8 +68,8 @@ def load_eval_model(path: Path, data: str | None = None) -> EvalModel:
     """From a run directory, an export folder or any timm-loadable folder."""
     backbone, pretrained_cfg = load_backbone(path)
     ours = read_export_config(path).get("ssl_vit", {})
-    recipe_path = path / "recipe.yaml"
-    recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else {}
+    run = RunDir(path)
+    recipe = run.recipe() if run.exists() else None
     _, height, _ = pretrained_cfg.get("input_size", (backbone.in_chans, 224, 224))
     return EvalModel(
         backbone=backbone,
@@ -77,12 +77,12 @@ def load_eval_model(path: Path, data: str | None = None) -> EvalModel:
         in_chans=backbone.in_chans,
         mean=list(pretrained_cfg.get("mean", [0.5] * backbone.in_chans)),
         std=list(pretrained_cfg.get("std", [0.5] * backbone.in_chans)),
-        data=data or recipe.get("data", {}).get("train") or ours.get("data") or "digits",
+        data=data or (recipe.data.train if recipe else None) or ours.get("data") or "digits",
         name=path.resolve().name,
-        objective=recipe.get("objective", {}).get("name") or ours.get("objective") or "unknown",
+        objective=(recipe.objective["name"] if recipe else None) or ours.get("objective") or "unknown",
         source=path,
         info=ours,
-        feature=recipe.get("eval", {}).get("feature") or ours.get("feature") or "cls",
+        feature=(recipe.eval.feature if recipe else None) or ours.get("feature") or "cls",
     )
 
 
@@ -107,7 +107,7 @@ def save_result(model: EvalModel, name: str, result: dict[str, Any]) -> Path | N
     """Write `RUN_DIR/eval/<name>.json` when the model came from a run directory."""
     if model.run_dir is None:
         return None
-    out = model.run_dir / "eval" / f"{name}.json"
+    out = RunDir(model.run_dir).eval_result(name)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return out
@@ -187,16 +187,6 @@ def extract(
         backbone.train(was_training)
     assert out is not None
     return out
-
-
-def weights_digest(module: nn.Module) -> str:
-    """A hash of every tensor of the state dict (names, dtypes, shapes and bytes)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(memoryview(flat.view(torch.uint8).numpy()))
-    return digest.hexdigest()
 
 
 def feature_key(model: EvalModel, split: str, kind: str) -> str:

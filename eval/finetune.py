@@ -19,7 +19,6 @@ one set), held in memory and augmented like the full stream; top-1 on the whole 
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,10 +38,10 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import CkptConfig, DataConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.data import class_names, collate, train_loader
 from ssl_vit.data.views import MultiView
-from ssl_vit.engine.checkpoint import latest_checkpoint
 from ssl_vit.engine.loop import fit
 from ssl_vit.errors import RecipeError
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
+from ssl_vit.rundir import RunDir
 from ssl_vit.types import Batch, ViewSpec
 
 
@@ -233,9 +232,9 @@ def finetune(
         layer_decay=cfg.layer_decay,
     )
     train = TrainConfig(batch_size=batch_size, max_steps=cfg.steps, mixed_precision=cfg.mixed_precision)
-    ckpt = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    ckpt = RunDir(out_dir).latest_checkpoint() if resume else None
     if not resume:
-        _clear(out_dir)
+        RunDir(out_dir).clear_engine_files()
     out_dir.mkdir(parents=True, exist_ok=True)
     result = fit(
         objective,
@@ -304,13 +303,3 @@ def finetune_draws(
         "out_dir": str(out_dir),
         "runs": runs,
     }
-
-
-def _clear(out_dir: Path) -> None:
-    """A fresh fine-tune in a used folder: drop the engine files a previous one left."""
-    for name in ("checkpoints", "metrics.jsonl", "train_state.json"):
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()

@@ -1,4 +1,4 @@
-"""The `ssl-vit` command: the only place that wires recipe, data, backbone, objective and engine."""
+"""The `ssl-vit` command: parses arguments, calls `ssl_vit.api`, prints the result."""
 
 from __future__ import annotations
 
@@ -8,485 +8,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssl_vit import __version__
+from ssl_vit import __version__, api
 
 log = logging.getLogger("ssl_vit")
-
-
-# ---------------------------------------------------------------- pretrain
-RUN_LENGTH_KEYS = ("train.epochs", "train.max_steps")  # with eval.*, the only keys a resume may change
-
-
-def _flat(recipe: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    def walk(node: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(node, dict):
-            out: dict[str, Any] = {}
-            for key, value in node.items():
-                out.update(walk(value, f"{prefix}{key}."))
-            return out
-        return {prefix[:-1]: node}
-
-    return walk(OmegaConf.to_container(OmegaConf.structured(recipe)), "")
-
-
-def _check_resumable(saved: Any, given: Any, run_dir: Path) -> None:
-    """A resume may change the run length only; anything else would not continue the same run."""
-    old, new = _flat(saved), _flat(given)
-    for key in sorted(set(old) | set(new)):
-        changeable = key in RUN_LENGTH_KEYS or key.startswith("eval.")  # eval.* never changes training
-        if not changeable and old.get(key) != new.get(key):
-            from ssl_vit.errors import RecipeError
-
-            raise RecipeError(
-                f"--resume: {key} is {old.get(key)!r} in {run_dir / 'recipe.yaml'} but {new.get(key)!r} "
-                f"here; only {' and '.join(RUN_LENGTH_KEYS)} and eval.* may change when resuming"
-            )
-
-
-def _resolve_run(
-    recipe_name: str | None, overrides: Sequence[str], out: Path | None, resume: str | None
-) -> tuple[Any, Path, Path | None]:
-    """(recipe, run dir, checkpoint to resume from or None) for `pretrain`.
-
-    `--resume auto` continues the latest valid checkpoint of `--out` or starts fresh there;
-    `--resume RUN_DIR` does the same in RUN_DIR, with its saved recipe unless RECIPE is given.
-    """
-    from ssl_vit.config import load_recipe, resolve_recipe_path
-    from ssl_vit.errors import CheckpointError, RecipeError
-
-    if resume is None or resume == "auto":
-        if resume == "auto" and out is None:
-            raise RecipeError("--resume auto needs --out RUN_DIR (the run to continue)")
-        run_dir = out
-    else:
-        run_dir = Path(resume)
-        if out is not None and out.resolve() != run_dir.resolve():
-            raise RecipeError(f"--resume {run_dir} continues in {run_dir}; drop --out {out}")
-        if not (run_dir / "recipe.yaml").is_file():
-            raise CheckpointError(f"{run_dir} is not a run directory (no recipe.yaml)")
-    saved_path = run_dir / "recipe.yaml" if run_dir is not None else None
-    has_saved = saved_path is not None and saved_path.is_file()
-    if recipe_name is None and not (resume is not None and has_saved):
-        raise RecipeError("pretrain needs a RECIPE (or --resume RUN_DIR to continue a run)")
-    recipe = load_recipe(recipe_name if recipe_name is not None else str(saved_path), list(overrides))
-    if run_dir is None:
-        name = resolve_recipe_path(str(recipe_name)).stem
-        run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from ssl_vit.engine.checkpoint import latest_checkpoint
-
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if resume is None and ckpt is not None and not (run_dir / "summary.json").is_file():
-        raise CheckpointError(
-            f"{run_dir} holds an unfinished run ({ckpt.name}); continue it with --resume auto "
-            "or choose another --out"
-        )
-    if resume is not None and ckpt is not None and has_saved:
-        _check_resumable(load_recipe(str(saved_path)), recipe, run_dir)
-    return recipe, run_dir, ckpt if resume is not None else None
-
-
-def _fresh_run_dir(run_dir: Path) -> None:
-    """Starting afresh where a finished (or never checkpointed) run was: drop its engine files."""
-    import shutil
-
-    for name in ("checkpoints", "metrics.jsonl", "summary.json", "train_state.json"):
-        path = run_dir / name
-        if path.is_dir():
-            log.warning("starting afresh in %s: removing the previous run's %s/", run_dir, name)
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def pretrain(
-    recipe_name: str | None,
-    overrides: Sequence[str],
-    out: Path | None,
-    quiet: bool,
-    resume: str | None = None,
-) -> Path:
-    """Load the recipe, train (or resume), export the backbone; returns the run directory."""
-    recipe, run_dir, ckpt = _resolve_run(recipe_name, overrides, out, resume)  # fail fast, before torch
-
-    import torch
-    from accelerate.utils import broadcast_object_list
-
-    from ssl_vit import data, objectives
-    from ssl_vit.config import save_recipe
-    from ssl_vit.data import class_names, train_loader
-    from ssl_vit.engine.loop import ensure_writable, fit, processes
-    from ssl_vit.eval.monitor import online_every, online_monitor
-    from ssl_vit.model_card import write_model_card
-    from ssl_vit.pretrained import backbone_from_config
-
-    objectives.get(recipe.objective["name"])  # unknown objective: fail before any work
-    world = processes(recipe.train)  # under torchrun: this rank among all; fit's Accelerator reuses it
-    run_dir, ckpt = broadcast_object_list([run_dir, ckpt])  # one timestamped default for all ranks
-    main = world.is_main_process
-    torch.manual_seed(recipe.seed)
-    backbone = backbone_from_config(recipe.model)  # applies model.init_from
-    objective = objectives.from_recipe(recipe, backbone, len(class_names(recipe.data.train)))
-    spec = objective.views()
-    loader = train_loader(
-        recipe.data, spec, recipe.model.img_size, recipe.model.in_chans, recipe.train.batch_size, recipe.seed
-    )
-    monitor_every = online_every(recipe.eval)  # checked on every process; only the main one measures
-    monitor = None
-    if main and monitor_every:  # the backbone an export of this run would write
-        monitor = online_monitor(
-            _exported_backbone(objective, recipe.objective["name"]),
-            recipe.data.train,
-            recipe.model.img_size,
-            recipe.model.in_chans,
-            recipe.data.mean,
-            recipe.data.std,
-            recipe.eval,
-            recipe.data.cache_dir,
-        )
-    if main:
-        ensure_writable(run_dir)
-        if ckpt is None:
-            _fresh_run_dir(run_dir)
-        (run_dir / "summary.json").unlink(missing_ok=True)  # written again when this (re)start ends
-        save_recipe(recipe, run_dir / "recipe.yaml")
-    world.wait_for_everyone()
-    if main and not quiet:
-        n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
-        what = f"resuming from {ckpt.name}" if ckpt else f"pretraining '{recipe.objective['name']}'"
-        print(f"{what} ({n_params:.2f}M backbone params) -> {run_dir}")
-    skip_counts = getattr(data, "skip_counts", None)  # counters of skipped bad samples, where data has them
-    result = fit(
-        objective,
-        loader,
-        len(loader),
-        recipe.optim,
-        recipe.train,
-        recipe.ckpt,
-        recipe.log,
-        run_dir,
-        recipe.seed,
-        progress=not quiet,
-        resume=ckpt,
-        data_stats=(lambda: dict(skip_counts())) if callable(skip_counts) else None,
-        monitor=monitor,
-        monitor_every=monitor_every,
-    )
-    if not main:
-        return run_dir
-    _export_from_objective(
-        objective, run_dir / "backbone", recipe, run_dir, result.seconds, result.images_seen
-    )
-    (run_dir / "summary.json").write_text(
-        json.dumps(
-            {
-                "objective": recipe.objective["name"],
-                "steps": result.steps,
-                "images_seen": result.images_seen,
-                "pretrain_seconds": result.seconds,
-                "final_loss": result.final_loss,
-            },
-            indent=2,
-        )
-    )
-    write_model_card(run_dir / "backbone", run_dir)
-    if not quiet:
-        print(
-            f"done: {result.steps} steps, {result.images_seen} images, {result.seconds:.1f}s, final loss {result.final_loss:.4f}"
-        )
-    return run_dir
-
-
-def _export_info(recipe: Any, run_dir: Path, weights: str) -> dict[str, Any]:
-    """What an export records of its run, for evaluators and the model card."""
-    return {
-        "objective": recipe.objective["name"],
-        "weights": weights,
-        "run_dir": str(run_dir),
-        "data": recipe.data.train,
-        "feature": recipe.eval.feature,  # what the evaluators pool by default
-    }
-
-
-def _export_from_objective(
-    objective: Any,
-    out: Path,
-    recipe: Any,
-    run_dir: Path,
-    seconds: float | None = None,
-    images: int | None = None,
-) -> Path:
-    from ssl_vit.export import export_backbone
-
-    weights = default_weights(recipe.objective["name"])
-    backbone = _exported_backbone(objective, recipe.objective["name"])
-    extra = _export_info(recipe, run_dir, weights)
-    if seconds is not None:
-        extra.update(pretrain_seconds=seconds, images_seen=images)
-    return export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
-
-
-def _exported_backbone(objective: Any, name: str) -> Any:
-    """The backbone an export of this objective writes: its teacher or its student."""
-    return _teacher_backbone(objective) if default_weights(name) == "teacher" else objective.backbone
-
-
-def _teacher_backbone(objective: Any) -> Any:
-    """`objective.teacher_backbone`, else the EMA partner of `objective.backbone` in `ema_pairs()`."""
-    from ssl_vit.errors import CheckpointError
-
-    teacher = getattr(objective, "teacher_backbone", None)
-    for online, partner in objective.ema_pairs():
-        if teacher is None and online is objective.backbone:
-            teacher = partner
-    if teacher is None:
-        raise CheckpointError("the objective asks for its teacher to be exported but has no teacher backbone")
-    return teacher
-
-
-# ---------------------------------------------------------------- export
-def default_weights(objective_name: str) -> str:
-    """The objective's `export_weights` ("teacher" where its paper evaluates the EMA teacher)."""
-    from ssl_vit import objectives
-    from ssl_vit.errors import RecipeError
-
-    try:
-        return str(getattr(objectives.get(objective_name), "export_weights", "student"))
-    except RecipeError:  # a run made by an objective this install does not have
-        return "student"
-
-
-def export(
-    run_dir: Path, out: Path, weights: str | None = None, fmt: str = "timm", license_id: str = "apache-2.0"
-) -> Path:
-    """Rebuild the run's student or teacher backbone from its latest checkpoint and export it.
-
-    fmt "timm": a folder timm loads, with a model card (`README.md`); fmt "onnx": one .onnx file.
-    """
-    from ssl_vit.backbone import Backbone
-    from ssl_vit.config import load_recipe
-    from ssl_vit.engine.checkpoint import list_checkpoints, load_model_weights
-    from ssl_vit.errors import CheckpointError
-    from ssl_vit.export import backbone_state, export_backbone
-    from ssl_vit.model_card import write_model_card
-
-    if not (run_dir / "recipe.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no recipe.yaml)")
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    ckpts = list_checkpoints(run_dir / "checkpoints")
-    if not ckpts:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint under checkpoints/")
-    weights = weights or default_weights(recipe.objective["name"])
-    backbone = Backbone.from_config(recipe.model)
-    backbone.vit.load_state_dict(backbone_state(load_model_weights(ckpts[-1]), weights))
-    if fmt == "onnx":
-        from ssl_vit.onnx_export import TOLERANCE, export_onnx
-
-        result = export_onnx(backbone, out, recipe.data.mean, recipe.data.std)
-        level = logging.WARNING if result.max_abs_diff > TOLERANCE else logging.INFO
-        log.log(
-            level,
-            "onnxruntime vs PyTorch, batch of %d: max abs diff %.1e",
-            result.check_batch,
-            result.max_abs_diff,
-        )
-        return result.path
-    extra = {**_export_info(recipe, run_dir, weights), "checkpoint": ckpts[-1].name}
-    folder = export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
-    write_model_card(folder, run_dir, weights, license_id)
-    return folder
-
-
-# ---------------------------------------------------------------- evaluators
-def _cache_dir(no_cache: bool, cache_dir: Path | None) -> Path | None:
-    from ssl_vit.eval.features import default_cache_dir
-
-    return None if no_cache else cache_dir or default_cache_dir()
-
-
-def _features(path: Path, data: str | None, feature: str | None, cache_dir: Path | None) -> Any:
-    """The model, its train and test features, and the feature kind (default: the recipe's)."""
-    from ssl_vit.eval.features import load_eval_model, split_features
-
-    model = load_eval_model(path, data)
-    feature = feature or model.feature
-    train = split_features(model, "train", feature, cache_dir=cache_dir)
-    return model, train, split_features(model, "test", feature, cache_dir=cache_dir), feature
-
-
-def probe(
-    path: Path,
-    data: str | None,
-    feature: str | None,
-    shots: int = 0,
-    seeds: int = 5,
-    method: str = "auto",
-    cache_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Full linear probe, or the K-shot probe over `seeds` draws; written to RUN_DIR/eval/."""
-    from ssl_vit.eval.features import save_result
-    from ssl_vit.eval.linear_probe import linear_probe, lowshot_probe
-
-    model, train, test, feature = _features(path, data, feature, cache_dir)
-    if shots:
-        result = lowshot_probe(*train, *test, shots, seeds)
-    else:
-        result = linear_probe(*train, *test, method=method)
-    result.update(data=model.data, feature=feature, model=str(path))
-    save_result(model, f"lowshot_{shots}" if shots else "linear_probe", result)
-    return result
-
-
-def knn(
-    path: Path,
-    data: str | None,
-    feature: str | None,
-    ks: Sequence[int],
-    temperature: float,
-    cache_dir: Path | None,
-) -> dict[str, Any]:
-    from ssl_vit.eval.features import save_result
-    from ssl_vit.eval.knn import knn_classify
-
-    model, train, test, feature = _features(path, data, feature, cache_dir)
-    result = knn_classify(*train, *test, ks, temperature)
-    result.update(data=model.data, feature=feature, model=str(path))
-    save_result(model, "knn", result)
-    return result
-
-
-def finetune_model(
-    model: Any, cfg: Any, out: Path, progress: bool, resume: bool = False, draws: int | None = None
-) -> dict[str, Any]:
-    """Fine-tune with the run's own augmentation settings where the model came from a run.
-
-    With `draws`: that many seeded fine-tunes (K-shot draws with `cfg.shots`) in `out/seed<s>`,
-    reported as mean ± std (`finetune_draws`); without: one fine-tune in `out`.
-    """
-    from ssl_vit.config import load_recipe
-    from ssl_vit.eval.finetune import finetune, finetune_draws
-
-    data = load_recipe(model.run_dir / "recipe.yaml").data if model.run_dir else None
-    if draws is not None:
-        return finetune_draws(model, out, cfg, draws, data, progress, resume)
-    return finetune(model, out, cfg, data, progress, resume)
-
-
-@dataclass(frozen=True)
-class _FinetuneRun:
-    """What `compare` calls for each input and seed: fine-tune (on the K-shot draw of that seed where
-    `cfg.shots` is set), return test top-1. A module-level class, so that `compare(jobs=N)` can send
-    it to its worker processes."""
-
-    cfg: Any
-
-    def __call__(self, model: Any, seed: int, out: Path) -> float:
-        from dataclasses import replace
-
-        return float(finetune_model(model, replace(self.cfg, seed=seed), out, progress=False)["top1"])
-
-
-def compare_runs(
-    inputs: Sequence[Path],
-    out: Path,
-    protocol: Any,
-    finetune_cfg: Any,
-    cache_dir: Path | None,
-    jobs: int = 1,
-    threads: int | None = None,
-) -> list[dict[str, Any]]:
-    from dataclasses import asdict, replace
-
-    from ssl_vit.eval.compare import compare
-    from ssl_vit.flops import pretrain_flops
-
-    finetune_cfg = replace(finetune_cfg, shots=protocol.finetune_shots)  # the protocol decides
-    settings = {"finetune": asdict(finetune_cfg)} if protocol.finetune else {}
-    finetune_fn = _FinetuneRun(finetune_cfg)
-    return compare(inputs, out, protocol, cache_dir, pretrain_flops, finetune_fn, settings, jobs, threads)
-
-
-# ---------------------------------------------------------------- demo
-DEMO_FINETUNE_STEPS = 400  # of the 10-shot fine-tune (converged by ~800, BENCHMARKS.md); one draw
-DEMO_PROTOCOL: dict[str, Any] = {
-    "probe": True,
-    "knn": True,
-    "finetune": True,
-    "shots": 10,
-    "seeds": 3,
-    "finetune_seeds": 1,
-    "finetune_shots": 10,
-}
-
-
-def demo(
-    data: str,
-    steps_scale: float,
-    out: Path,
-    quiet: bool,
-    jobs: int | None = None,
-    threads: int | None = None,
-    overrides: Sequence[str] = (),
-    only: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Pretrain every objective with a recipe for `data` (or those in `only`) on its demo budget, `jobs`
-    processes at a time (default: one per core) with `threads` each, then compare them all, the
-    evaluations in parallel too."""
-    from dataclasses import replace
-
-    from tqdm.auto import tqdm
-
-    from ssl_vit.demo import PretrainJob, available_cores, demo_jobs, run_pretraining
-    from ssl_vit.errors import RecipeError
-    from ssl_vit.eval.compare import Protocol
-    from ssl_vit.eval.finetune import default_config
-
-    cores = available_cores()
-    jobs = jobs or cores
-    threads = threads or max(1, cores // jobs)
-    if jobs < 1 or threads < 1:
-        raise RecipeError(f"--jobs and --threads must be at least 1, got {jobs} and {threads}")
-    todo = demo_jobs(data, steps_scale, out, overrides, only)
-    bar = tqdm(total=len(todo) + 1, disable=quiet or not sys.stderr.isatty(), unit="run", dynamic_ncols=True)
-
-    done: list[str] = []
-
-    def finished(job: PretrainJob, summary: dict[str, Any]) -> None:
-        done.append(job.name)
-        bar.update(1)
-        if not quiet:
-            bar.write(
-                f"[{len(done)}/{len(todo)}] {job.name}: {summary['steps']} steps in "
-                f"{summary['pretrain_seconds']:.0f}s, final loss {summary['final_loss']:.3f}"
-            )
-
-    if not quiet:
-        print(
-            f"pretraining {len(todo)} objectives on {data}: {jobs} at a time, {threads} thread(s) each, {cores} cores"
-        )
-    try:
-        runs = run_pretraining(todo, jobs, threads, finished)
-        protocol = Protocol(**DEMO_PROTOCOL)
-        steps = max(1, round(DEMO_FINETUNE_STEPS * steps_scale))
-        finetune_cfg = replace(default_config(protocol.finetune_shots), steps=steps)
-        if not quiet:
-            bar.write(
-                f"evaluating {len(runs)} backbones and 2 baselines (k-NN, 10-shot probe, linear probe, 10-shot fine-tune)"
-            )
-        rows = compare_runs(runs, out / "compare", protocol, finetune_cfg, out / "cache", jobs, threads)
-        bar.update(1)
-    finally:
-        bar.close()
-    from ssl_vit.figures import write_compare_figures
-
-    # PCA, not t-SNE: seven maps by t-SNE would cost the demo about a minute on two cores.
-    write_compare_figures(runs, out / "compare" / "figures", method="pca")
-    return rows
 
 
 # ---------------------------------------------------------------- commands
@@ -521,7 +48,7 @@ def _run_pretrain(args: argparse.Namespace) -> None:
     if recipe is not None and "=" in recipe:
         recipe, overrides = None, [recipe, *overrides]  # `--resume RUN_DIR key=value`: no RECIPE
     try:
-        pretrain(recipe, overrides, args.out, args.quiet, args.resume)
+        api.pretrain(recipe, overrides, args.out, args.resume, args.quiet)
     except TrainingInterrupted as stop:
         run_dir = Path(stop.checkpoint).parent.parent
         print(f"interrupted: {stop}; continue with --resume {run_dir}", file=sys.stderr)
@@ -548,6 +75,16 @@ def _add_eval_args(p: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the result")
 
 
+def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `_add_eval_args` adds, as `api` keyword arguments."""
+    return {
+        "data": args.data,
+        "feature": args.feature,
+        "cache": not args.no_cache,
+        "cache_dir": args.cache_dir,
+    }
+
+
 def _add_probe(sub: Any) -> None:
     p = sub.add_parser(
         "probe",
@@ -566,8 +103,9 @@ def _add_probe(sub: Any) -> None:
 
 
 def _run_probe(args: argparse.Namespace) -> None:
-    cache = _cache_dir(args.no_cache, args.cache_dir)
-    result = probe(args.path, args.data, args.feature, args.shots, args.seeds, args.method, cache)
+    result = api.probe(
+        args.path, method=args.method, shots=args.shots, seeds=args.seeds, **_eval_options(args)
+    )
     if args.json:
         print(json.dumps(result))
     elif args.shots:
@@ -594,8 +132,7 @@ def _add_knn(sub: Any) -> None:
 
 
 def _run_knn(args: argparse.Namespace) -> None:
-    cache = _cache_dir(args.no_cache, args.cache_dir)
-    result = knn(args.path, args.data, args.feature, args.k, args.temperature, cache)
+    result = api.knn(args.path, k=args.k, temperature=args.temperature, **_eval_options(args))
     if args.json:
         print(json.dumps(result))
     else:
@@ -616,7 +153,6 @@ FINETUNE_OPTIONS: list[tuple[str, type]] = [
     ("weight_decay", float),
     ("seed", int),
 ]
-LOWSHOT_FINETUNE_DRAWS = 3  # `finetune --shots K` without --seeds
 
 
 def _add_finetune(sub: Any) -> None:
@@ -641,7 +177,7 @@ def _add_finetune(sub: Any) -> None:
         "--seeds",
         type=int,
         help=f"runs with seeds --seed, --seed + 1, ... (with --shots, each its own draw), mean ± std; "
-        f"default {LOWSHOT_FINETUNE_DRAWS} with --shots, else 1",
+        f"default {api.LOWSHOT_FINETUNE_DRAWS} with --shots, else 1",
     )
     for name, kind in FINETUNE_OPTIONS:
         shot = f"; {LOWSHOT_DEFAULTS[name]} with --shots" if name in LOWSHOT_DEFAULTS else ""
@@ -655,30 +191,22 @@ def _add_finetune(sub: Any) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from ssl_vit.eval.features import load_eval_model, save_result
-    from ssl_vit.eval.finetune import default_config
-
     given = {name: getattr(args, name) for name, _ in FINETUNE_OPTIONS if getattr(args, name) is not None}
-    cfg = replace(default_config(args.shots), **given, ckpt_every_steps=args.ckpt_every)
-    seeds = args.seeds if args.seeds is not None else LOWSHOT_FINETUNE_DRAWS if args.shots else 1
-    draws = seeds if args.shots or seeds != 1 else None  # one full-data fine-tune: today's result
-    name = f"finetune_lowshot_{args.shots}" if args.shots else "finetune"
-    model = load_eval_model(args.path, args.data)
-    if args.out:
-        out = args.out
-    elif model.run_dir:
-        out = model.run_dir / "eval" / name
-    else:
-        out = Path("runs") / f"{name}-{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    progress = not (args.quiet or args.json)
-    result = finetune_model(model, cfg, out, progress, args.resume, draws)
-    result.update(data=model.data, model=str(args.path))
-    save_result(model, name, result)
+    result = api.finetune(
+        args.path,
+        shots=args.shots,
+        seeds=args.seeds,
+        data=args.data,
+        out=args.out,
+        resume=args.resume,
+        progress=not (args.quiet or args.json),
+        ckpt_every_steps=args.ckpt_every,
+        **given,
+    )
+    out = result["out_dir"]
     if args.json:
         print(json.dumps(result))
-    elif draws is None:
+    elif "draws" not in result:
         print(
             f"fine-tune top-1: {100 * result['top1']:.2f}% ({result['steps']} steps, {result['seconds']:.0f}s) -> {out}"
         )
@@ -731,40 +259,29 @@ def _add_compare(sub: Any) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from ssl_vit.eval.compare import Protocol
-    from ssl_vit.eval.finetune import default_config
     from ssl_vit.eval.report import format_table
 
     chosen = args.probe or args.knn or args.finetune
-    protocol = Protocol(
+    rows = api.compare(
+        args.inputs,
+        args.out,
         probe=args.probe or not chosen,
         knn=args.knn or not chosen,
         finetune=args.finetune,
         shots=args.shots,
         seeds=args.seeds,
         finetune_shots=args.finetune_shots,
-        feature=args.feature,
-        data=args.data,
+        finetune_steps=args.finetune_steps,
+        figures=args.figures,
+        **_eval_options(args),
     )
-    finetune_cfg = default_config(args.finetune_shots)
-    if args.finetune_steps is not None:
-        finetune_cfg = replace(finetune_cfg, steps=args.finetune_steps)
-    cache = _cache_dir(args.no_cache, args.cache_dir)
-    rows = compare_runs(args.inputs, args.out, protocol, finetune_cfg, cache)
-    figures = []
-    if args.figures:
-        from ssl_vit.figures import write_compare_figures
-
-        figures = write_compare_figures(args.inputs, args.out / "figures")
     if args.json:
         print(json.dumps(rows))
         return
     print(format_table(rows))
     print(f"report: {args.out / 'report.md'}; charts: {args.out / 'compare.png'}, {args.out / 'compute.png'}")
-    if figures:
-        print(f"figures: {', '.join(str(f) for f in figures)}")
+    if args.figures:
+        print(f"figures: {args.out / 'figures'}")
 
 
 def _add_export(sub: Any) -> None:
@@ -792,11 +309,11 @@ def _add_export(sub: Any) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    print(f"exported -> {export(args.run_dir, args.out, args.weights, args.format, args.license)}")
+    print(f"exported -> {api.export(args.run_dir, args.out, args.weights, args.format, args.license)}")
 
 
 def _add_demo(sub: Any) -> None:
-    from ssl_vit.demo import DEMO_DATA
+    from ssl_vit.demo_runs import DEMO_DATA
 
     p = sub.add_parser(
         "demo",
@@ -818,19 +335,19 @@ def _add_demo(sub: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from ssl_vit.demo import available_cores, headline
+    from ssl_vit.demo_runs import available_cores, headline
     from ssl_vit.eval.report import format_table
 
     start = time.perf_counter()
-    rows = demo(
+    rows = api.demo(
         args.data,
-        args.steps_scale,
-        args.out,
-        args.quiet,
-        args.jobs,
-        args.threads,
-        args.overrides,
-        args.objectives,
+        out=args.out,
+        objectives=args.objectives,
+        steps_scale=args.steps_scale,
+        jobs=args.jobs,
+        threads=args.threads,
+        overrides=args.overrides,
+        quiet=args.quiet,
     )
     print(headline(rows))
     print(format_table(rows))
@@ -897,9 +414,14 @@ def _add_shards(sub: Any) -> None:
 
 
 def _run_shards(args: argparse.Namespace) -> None:
-    from ssl_vit.data.shards import write_shards
-
-    manifest = write_shards(args.src, args.out, args.shard_size, args.val_fraction, args.strict, args.seed)
+    manifest = api.shards(
+        args.src,
+        args.out,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        strict=args.strict,
+        seed=args.seed,
+    )
     splits = ", ".join(
         f"{name} {s['count']} in {len(s['shards'])} shards" for name, s in manifest["splits"].items()
     )

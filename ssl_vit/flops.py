@@ -10,7 +10,6 @@ to fill `pretrain_flops` in `compare`; it imports the objectives, so no evaluato
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,8 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import Recipe, load_recipe
+from ssl_vit.config import Recipe
 from ssl_vit.data import class_names
+from ssl_vit.rundir import RunDir
 from ssl_vit.types import Batch
 
 COUNT_BATCH = 8
@@ -82,10 +82,8 @@ def step_flops(recipe: Recipe, batch_size: int | None = None) -> float:
 
 def pretrain_flops(run_dir: Path) -> float | None:
     """Step FLOPs × the run's optimiser steps, from `recipe.yaml` and `summary.json`; None if unfinished."""
-    summary_path = run_dir / "summary.json"
-    if not (run_dir / "recipe.yaml").is_file() or not summary_path.is_file():
-        return None
-    steps = json.loads(summary_path.read_text()).get("steps")
+    run = RunDir(run_dir)
+    steps = (run.summary() or {}).get("steps") if run.exists() else None
     if not steps:
         return None
-    return step_flops(load_recipe(run_dir / "recipe.yaml")) * int(steps)
+    return step_flops(run.recipe()) * int(steps)

@@ -12,11 +12,14 @@ with the evaluations done since. Evaluation files are rendered generically, what
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 from safetensors import safe_open
+
+from ssl_vit.rundir import RunDir
 
 CARD = "README.md"
 MAX_LIST = 12  # longer lists in result files are summarised by their length
@@ -170,7 +173,7 @@ def _data(recipe: dict[str, Any]) -> str:
 
 
 def _evaluations(run_dir: Path) -> str:
-    files = sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []
+    files = RunDir(run_dir).eval_results()
     if not files:
         return "No evaluation results yet: `ssl-vit probe RUN_DIR` writes `eval/linear_probe.json`."
     parts = [f"### {p.stem}\n\n" + _table(flatten(_read_json(p)), ("metric", "value")) for p in files]
@@ -187,12 +190,9 @@ def render_card(
     config = _read_json(export_dir / "config.json") or {}
     ours = config.get("ssl_vit", {})
     weights = weights or str(ours.get("weights", "student"))
-    recipe = (
-        yaml.safe_load((run_dir / "recipe.yaml").read_text())
-        if run_dir and (run_dir / "recipe.yaml").is_file()
-        else {}
-    )
-    summary = (_read_json(run_dir / "summary.json") if run_dir else None) or {}
+    run = RunDir(run_dir) if run_dir else None
+    recipe = asdict(run.recipe()) if run and run.exists() else {}
+    summary = (run.summary() if run else None) or {}
     objective = str(recipe.get("objective", {}).get("name") or ours.get("objective", "unknown"))
     title = run_dir.name if run_dir else export_dir.name
     usage = (

@@ -14,8 +14,6 @@ import torch
 
 from ssl_vit.engine import checkpoint
 from ssl_vit.engine.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
     load_blob,
     load_model_weights,
     prune_checkpoints,
@@ -23,6 +21,7 @@ from ssl_vit.engine.checkpoint import (
 )
 from ssl_vit.engine.state import TrainState, capture_rng, restore_rng
 from ssl_vit.errors import CheckpointError
+from ssl_vit.rundir import latest_checkpoint, list_checkpoints
 
 
 def _write(ckpt_dir: Path, step: int) -> Path:

@@ -11,7 +11,7 @@ from ssl_vit.eval.compare import Protocol, compare
 from ssl_vit.eval.features import EvalModel
 from ssl_vit.eval.report import COLUMNS, format_table, table_cells
 
-from ssl_vit.cli import export, pretrain
+from ssl_vit.api import export, pretrain
 from ssl_vit.errors import RecipeError
 from tests.conftest import TINY
 
@@ -40,11 +40,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two runs of one recipe (seeds 0 and 1) and an export of a third run with another lr."""
     base = tmp_path_factory.mktemp("compare")
     out = [
-        pretrain("digits/supervised", [*TINY, "train.max_steps=2", f"seed={s}"], base / f"sup-s{s}", True)
+        pretrain("digits/supervised", [*TINY, "train.max_steps=2", f"seed={s}"], base / f"sup-s{s}", quiet=True)
         for s in (0, 1)
     ]
     other = pretrain(
-        "digits/supervised", [*TINY, "train.max_steps=2", "optim.lr=3e-3"], base / "sup-lr", True
+        "digits/supervised", [*TINY, "train.max_steps=2", "optim.lr=3e-3"], base / "sup-lr", quiet=True
     )
     return [*out, export(other, base / "exported")]
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.errors import CheckpointError
-from ssl_vit.export import backbone_state, export_backbone, load_backbone
+from ssl_vit.timm_export import backbone_state, export_backbone, load_backbone
 from tests.conftest import tiny_model_config
 
 PLAIN_TIMM = """
@@ -31,7 +31,7 @@ assert "ssl_vit" not in sys.modules
 
 def test_export_loads_in_plain_timm_with_equal_features(tmp_path: Path) -> None:
     """`ssl-vit export` output, model card included, loads in a process that never imports ssl_vit."""
-    from ssl_vit.cli import export
+    from ssl_vit.api import export
 
     out = export(make_run(tmp_path / "run", evals=False), tmp_path / "export")
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
@@ -166,7 +166,7 @@ def test_backbone_state_picks_student_or_teacher_by_prefix(teacher_at: str) -> N
 def test_export_weights_student_teacher_and_objective_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ssl_vit.cli import export
+    from ssl_vit.api import export
     from ssl_vit.objectives import _REGISTRY
     from ssl_vit.objectives.supervised import Supervised
 
@@ -196,7 +196,7 @@ def test_export_weights_student_teacher_and_objective_default(
 def test_pretrain_finds_the_teacher_by_attribute_or_in_ema_pairs(tiny_backbone: Backbone) -> None:
     from types import SimpleNamespace
 
-    from ssl_vit.cli import _teacher_backbone
+    from ssl_vit.api import _teacher_backbone
 
     teacher = Backbone.from_config(tiny_model_config())
     named = SimpleNamespace(backbone=tiny_backbone, teacher_backbone=teacher, ema_pairs=lambda: [])

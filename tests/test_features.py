@@ -9,6 +9,7 @@ from ssl_vit.eval import features as ft
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.errors import RecipeError
+from ssl_vit.rundir import weights_digest
 from tests.conftest import tiny_model_config
 
 
@@ -96,10 +97,8 @@ def test_cache_returns_identical_features_and_is_invalidated_by_new_weights(
 def test_random_init_model_keeps_architecture_and_changes_weights(tiny_backbone: Backbone) -> None:
     model = model_of(tiny_backbone)
     rand = ft.random_init_model(model, seed=0)
-    assert rand.objective == "random_init" and ft.weights_digest(rand.backbone) != ft.weights_digest(
-        tiny_backbone
-    )
-    assert ft.weights_digest(ft.random_init_model(model, seed=0).backbone) == ft.weights_digest(rand.backbone)
+    assert rand.objective == "random_init" and weights_digest(rand.backbone) != weights_digest(tiny_backbone)
+    assert weights_digest(ft.random_init_model(model, seed=0).backbone) == weights_digest(rand.backbone)
     assert {k: v.shape for k, v in rand.backbone.state_dict().items()} == {
         k: v.shape for k, v in tiny_backbone.state_dict().items()
     }
@@ -117,5 +116,5 @@ def test_any_timm_folder_loads_without_ssl_vit_metadata(tiny_backbone: Backbone,
         tmp_path.name,
         None,
     )
-    assert ft.weights_digest(model.backbone) == ft.weights_digest(tiny_backbone)
+    assert weights_digest(model.backbone) == weights_digest(tiny_backbone)
     assert ft.save_result(model, "knn", {"top1": 1.0}) is None  # not a run directory: nothing written

@@ -32,12 +32,12 @@ from ssl_vit.figures.curves import (
     curve_keys,
     curves_layout,
     draw_curves,
-    read_metrics,
 )
 from ssl_vit.figures.embedding import embedding_size, project_2d
 from ssl_vit.figures.reconstruction import HIDDEN_GREY, reconstruct, reconstruction_layout
 from ssl_vit.figures.source import open_source, pick_images
 from ssl_vit.objectives.base import Objective
+from ssl_vit.rundir import read_metrics
 from ssl_vit.types import Batch, ViewSpec
 from tests.conftest import TINY
 

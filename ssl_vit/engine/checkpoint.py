@@ -6,13 +6,13 @@ dict: backbone, heads, EMA teacher), weights-only torch files for the rest (`opt
 written as `.tmp-step-XXXXXXXX/`, fsynced, then renamed: a crash or a full disk mid-write leaves
 only a temporary folder, which is ignored, and the previous checkpoint stays the latest valid one.
 
-This module only reads and writes files; what goes in them is `state.py`'s business.
+This module writes, prunes and loads them (which are valid is `ssl_vit.rundir`'s rule); what goes
+in them is `state.py`'s business.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -22,13 +22,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ssl_vit.errors import CheckpointError
+from ssl_vit.rundir import (
+    CKPT_META_FILE,
+    CKPT_MODEL_FILE,
+    CKPT_PREFIX,
+    CKPT_TMP_PREFIX,
+    list_checkpoints,
+)
 
-log = logging.getLogger(__name__)
-
-PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
-MODEL_FILE = "model.safetensors"
-META_FILE = "meta.json"
+PREFIX, TMP_PREFIX = CKPT_PREFIX, CKPT_TMP_PREFIX
+MODEL_FILE, META_FILE = CKPT_MODEL_FILE, CKPT_META_FILE
 
 
 def contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,51 +82,6 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}") from None
     return final
-
-
-def read_meta(ckpt: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((ckpt / META_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{ckpt}: unreadable {META_FILE} ({err})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{ckpt}: {META_FILE} is not a JSON object")
-    return meta
-
-
-def is_complete(ckpt: Path) -> bool:
-    """Every file that `meta.json` lists is there with its recorded size."""
-    try:
-        meta = read_meta(ckpt)
-        return all((ckpt / name).stat().st_size == size for name, size in meta["files"].items())
-    except (CheckpointError, OSError, KeyError, AttributeError):
-        return False
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name[len(PREFIX) :])
-    except ValueError:
-        return -1
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; temporary and damaged folders are left out."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.glob(f"{PREFIX}*") if p.is_dir() and _step_of(p) >= 0]
-    valid = []
-    for path in sorted(found, key=_step_of):
-        if is_complete(path):
-            valid.append(path)
-        else:
-            log.warning("ignoring incomplete checkpoint %s", path)
-    return valid
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    ckpts = list_checkpoints(ckpt_dir)
-    return ckpts[-1] if ckpts else None
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:

@@ -31,17 +31,17 @@ from ssl_vit.engine.setup import (
     use_cpu,
 )
 from ssl_vit.engine.signals import StopRequest, TrainingInterrupted
-from ssl_vit.engine.state import TrainState, load_training_state, save_training_state, weights_digest
+from ssl_vit.engine.state import TrainState, load_training_state, save_training_state
 from ssl_vit.engine.step import StepResult, train_step
 from ssl_vit.engine.stream import BatchStream
 from ssl_vit.errors import TrainingError
 from ssl_vit.objectives.base import Objective
 from ssl_vit.optim import adamw, cosine_schedule, param_groups
+from ssl_vit.rundir import RunDir, weights_digest
 from ssl_vit.types import Batch
 
 log = logging.getLogger(__name__)
 
-TRAIN_STATE_FILE = "train_state.json"
 __all__ = ["FitResult", "TrainingInterrupted", "ensure_writable", "fit", "processes", "use_cpu"]
 
 
@@ -110,17 +110,18 @@ def fit(
         stream.seek(state.epoch, state.batch_in_epoch)
         log.info("resumed from %s (step %d, epoch %d)", resume, state.step, state.epoch)
     history.append({"start_step": state.step, "num_processes": plan.num_processes, "time": time.time()})
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    run = RunDir(run_dir)
+    metrics = MetricsWriter(run.metrics_file, accelerator.is_main_process)
     metrics.truncate_after(state.step)
     if accelerator.is_main_process:
-        write_json(run_dir / TRAIN_STATE_FILE, {**asdict(plan), "history": history})
+        write_json(run.train_state_file, {**asdict(plan), "history": history})
     if logcfg.tensorboard:
         accelerator.init_trackers("tensorboard")
 
     def save() -> Path:
         meta = {"plan": asdict(plan), "history": history}
         return save_training_state(
-            accelerator, model, optimizer, state, run_dir / "checkpoints", ckpt.keep_last, meta
+            accelerator, model, optimizer, state, run.checkpoints, ckpt.keep_last, meta
         )
 
     wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
@@ -213,7 +214,7 @@ def fit(
             if len(set(digests)) > 1:
                 log.error("processes ended with different weights: %s", digests)
             train_state = {**asdict(plan), "history": history, "weights_sha256": digests}
-            write_json(run_dir / TRAIN_STATE_FILE, train_state)
+            write_json(run.train_state_file, train_state)
     if logcfg.tensorboard:
         accelerator.end_training()
     accelerator.wait_for_everyone()

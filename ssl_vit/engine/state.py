@@ -14,7 +14,6 @@ that will never come.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import asdict, dataclass, fields
@@ -38,10 +37,10 @@ from ssl_vit.engine.checkpoint import (
     load_blob,
     load_model_weights,
     prune_checkpoints,
-    read_meta,
     write_checkpoint,
 )
 from ssl_vit.errors import CheckpointError
+from ssl_vit.rundir import read_checkpoint_meta
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def load_training_state(
     accelerator: Accelerator, model: nn.Module, optimizer: Any, ckpt: Path
 ) -> tuple[TrainState, dict[str, Any]]:
     """Restore model, optimiser, scaler and this process's RNG from `ckpt`; return its `TrainState`."""
-    meta = read_meta(ckpt)
+    meta = read_checkpoint_meta(ckpt)
     state = TrainState.from_dict(meta.get("train_state", {}))
     try:
         weights: dict[str, Any] = load_model_weights(ckpt)
@@ -166,12 +165,3 @@ def load_training_state(
 def _raw(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimiser under accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)  # type: ignore[no-any-return]
-
-
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of a module's state dict, to check that processes hold the same weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()

@@ -23,6 +23,7 @@ from ssl_vit.eval.features import EvalModel, extract, normalise
 from ssl_vit.figures import attention, curves, embedding, reconstruction
 from ssl_vit.figures._mpl import to_display
 from ssl_vit.figures.source import Source, open_source, pick_images
+from ssl_vit.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def show(
     if out_dir is None:
         if len(paths) != 1:
             raise RecipeError("several inputs need an output folder: add --out DIR")
-        out_dir = paths[0] / "figures"
+        out_dir = RunDir(paths[0]).figures
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise RecipeError(f"unknown figure kind '{unknown[0]}'; choose from {', '.join(KINDS)}")

@@ -8,7 +8,6 @@ entropy). Several runs share the panels, one line each, so `ssl-vit show A B --c
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,21 +28,6 @@ LABELS = {
 }
 COLS = 3
 PANEL_W, PANEL_H = 3.4, 2.4  # inches
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The records of `metrics.jsonl`; a half-written last line (a run still writing) is ignored."""
-    records: list[dict[str, float]] = []
-    if not path.is_file():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
 
 
 def curve_keys(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> list[str]:

@@ -18,12 +18,11 @@ from torch import Tensor, nn
 
 from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import load_recipe
 from ssl_vit.data import class_names, load_images
 from ssl_vit.errors import CheckpointError, SslVitError
 from ssl_vit.eval.features import EvalModel, load_eval_model, normalise
-from ssl_vit.export import is_timm_folder, read_export_config
-from ssl_vit.figures.curves import read_metrics
+from ssl_vit.rundir import CKPT_MODEL_FILE, RunDir
+from ssl_vit.timm_export import is_timm_folder, read_export_config
 
 
 @dataclass
@@ -38,24 +37,14 @@ class Source:
     missing: dict[str, str] = field(default_factory=dict)  # "model" / "objective" -> reason
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete `checkpoints/step-*` folder (same rule as the engine's checkpoint module)."""
-    done = [
-        p
-        for p in (run_dir / "checkpoints").glob("step-*")
-        if (p / "meta.json").is_file() and (p / "model.safetensors").is_file()
-    ]
-    return max(done, key=lambda p: p.name) if done else None
-
-
 def load_objective(run_dir: Path, ckpt: Path) -> tuple[nn.Module, Any]:
     """Rebuild the run's objective from its recipe and load the checkpoint's weights (strictly)."""
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = RunDir(run_dir).recipe()
     torch.manual_seed(recipe.seed)
     backbone = Backbone.from_config(recipe.model)
     objective = objectives.from_recipe(recipe, backbone, len(class_names(recipe.data.train)))
     try:
-        objective.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        objective.load_state_dict(load_file(str(ckpt / CKPT_MODEL_FILE)))
     except (RuntimeError, OSError) as err:
         raise CheckpointError(f"{ckpt}: weights do not fit the recipe: {str(err).splitlines()[0]}") from None
     return objective.eval(), recipe
@@ -65,8 +54,9 @@ def open_source(path: Path, name: str, with_model: bool = True) -> Source:
     """Read what `path` offers; raises only when it is neither a run directory nor an export folder."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    source = Source(path, name, read_metrics(path / "metrics.jsonl"))
-    is_run = (path / "recipe.yaml").is_file()
+    run = RunDir(path)
+    source = Source(path, name, run.metrics())
+    is_run = run.exists()
     if not is_run and not is_timm_folder(path):
         raise CheckpointError(f"{path} is neither a run directory (recipe.yaml) nor an export folder")
     if not with_model:
@@ -76,7 +66,7 @@ def open_source(path: Path, name: str, with_model: bool = True) -> Source:
         source.model = load_eval_model(path, data)
         source.missing["objective"] = "an export folder holds the backbone only, no objective"
         return source
-    ckpt = latest_checkpoint(path)
+    ckpt = run.latest_checkpoint()
     if ckpt is None:
         source.missing["objective"] = "the run has no checkpoint yet"
     else:
@@ -95,7 +85,7 @@ def open_source(path: Path, name: str, with_model: bool = True) -> Source:
             )
         except SslVitError as err:
             source.missing["objective"] = str(err)
-    if source.model is None and is_timm_folder(path / "backbone"):
+    if source.model is None and is_timm_folder(run.backbone):
         source.model = load_eval_model(path)
     if source.model is None:
         source.missing["model"] = source.missing["objective"]

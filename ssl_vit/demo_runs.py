@@ -9,7 +9,6 @@ cache, which is written atomically, so the figures do not depend on `jobs`.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_vit.errors import SslVitError
+from ssl_vit.rundir import RunDir
 
 DEMO_DATA = "digits"  # the embedded default; its recipes and demo figures are in BENCHMARKS.md
 # Pretraining steps per objective, before --steps-scale: a share of each recipe's budget sized so
@@ -29,6 +29,16 @@ DEMO_STEPS: dict[str, dict[str, int]] = {
     "shapes": {"supervised": 200, "mpp": 200, "mae": 300, "simclr": 80, "mocov3": 50, "dino": 40},
 }
 DEMO_DEFAULT_STEPS = 150
+DEMO_FINETUNE_STEPS = 400  # of the 10-shot fine-tune (converged by ~800, BENCHMARKS.md); one draw
+DEMO_PROTOCOL: dict[str, Any] = {  # `eval.compare.Protocol` fields
+    "probe": True,
+    "knn": True,
+    "finetune": True,
+    "shots": 10,
+    "seeds": 3,
+    "finetune_seeds": 1,
+    "finetune_shots": 10,
+}
 DEMO_OVERRIDES = ("ckpt.keep_last=1",)  # recipe overrides for every run
 
 
@@ -94,7 +104,10 @@ def run_pretraining(
         done = subprocess.run(job.command(), env=_thread_env(threads), capture_output=True, text=True)
         if done.returncode != 0:
             raise DemoError(f"pretraining {job.name} failed: {_last_error(done.stderr)}")
-        return dict(json.loads((job.out / "summary.json").read_text()))
+        summary = RunDir(job.out).summary()
+        if summary is None:
+            raise DemoError(f"pretraining {job.name} ended without {RunDir(job.out).summary_file}")
+        return summary
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(run, job): job for job in jobs}
