@@ -140,7 +140,7 @@ def pretrain(
     monitor = None
     if main and monitor_every:  # the backbone an export of this run would write
         monitor = online_monitor(
-            _exported_backbone(objective, recipe.objective["name"]),
+            objective.exported_backbone(),
             recipe.data.train,
             recipe.model.img_size,
             recipe.model.in_chans,
@@ -223,30 +223,10 @@ def _export_from_objective(
 ) -> Path:
     from ssl_vit.export import export_backbone
 
-    weights = default_weights(recipe.objective["name"])
-    backbone = _exported_backbone(objective, recipe.objective["name"])
-    extra = _export_info(recipe, run_dir, weights)
+    extra = _export_info(recipe, run_dir, objective.export_weights)
     if seconds is not None:
         extra.update(pretrain_seconds=seconds, images_seen=images)
-    return export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
-
-
-def _exported_backbone(objective: Any, name: str) -> Any:
-    """The backbone an export of this objective writes: its teacher or its student."""
-    return _teacher_backbone(objective) if default_weights(name) == "teacher" else objective.backbone
-
-
-def _teacher_backbone(objective: Any) -> Any:
-    """`objective.teacher_backbone`, else the EMA partner of `objective.backbone` in `ema_pairs()`."""
-    from ssl_vit.errors import CheckpointError
-
-    teacher = getattr(objective, "teacher_backbone", None)
-    for online, partner in objective.ema_pairs():
-        if teacher is None and online is objective.backbone:
-            teacher = partner
-    if teacher is None:
-        raise CheckpointError("the objective asks for its teacher to be exported but has no teacher backbone")
-    return teacher
+    return export_backbone(objective.exported_backbone(), out, recipe.data.mean, recipe.data.std, extra)
 
 
 # ---------------------------------------------------------------- export
@@ -256,7 +236,7 @@ def default_weights(objective_name: str) -> str:
     from ssl_vit.errors import RecipeError
 
     try:
-        return str(getattr(objectives.get(objective_name), "export_weights", "student"))
+        return objectives.get(objective_name).export_weights
     except RecipeError:  # a run made by an objective this install does not have
         return "student"
 

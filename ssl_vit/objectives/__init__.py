@@ -53,11 +53,10 @@ def build(section: dict[str, Any], backbone: Backbone, **context: Any) -> Object
     """
     options = {k: v for k, v in section.items() if k != "name"}
     cls = get(str(section["name"]))
-    config_cls = getattr(cls, "Config")  # noqa: B009 - every objective declares one
     for key, value in context.items():
-        if key in {f for f in config_cls.__dataclass_fields__} and options.get(key) is None:
+        if key in cls.Config.__dataclass_fields__ and options.get(key) is None:
             options[key] = value
-    cfg = validate_section(config_cls, options, "objective")
+    cfg = validate_section(cls.Config, options, "objective")
     return cls(backbone, cfg)  # type: ignore[call-arg]
 
 

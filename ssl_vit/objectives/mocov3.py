@@ -57,6 +57,8 @@ class MoCoV3(Objective):
     """
 
     Config = MoCoV3Config
+    # The official `main_lincls.py` evaluates the base (online) encoder, not the momentum one.
+    export_weights = "student"
     view_spec: ClassVar[ViewSpec] = ViewSpec(kind="contrastive", global_views=2, global_scale=(0.08, 1.0))
 
     def __init__(self, backbone: Backbone, cfg: MoCoV3Config) -> None:
