@@ -15,7 +15,7 @@ from ssl_vit.data.views import MultiView
 from ssl_vit.engine.ema import ema_update
 from ssl_vit.errors import CheckpointError
 from ssl_vit.export import export_backbone
-from ssl_vit.objectives.base import Objective
+from ssl_vit.objectives.base import Objective, Reconstructor
 from ssl_vit.types import Batch
 from tests.conftest import tiny_model_config
 
@@ -136,3 +136,12 @@ def test_export_writes_the_backbone_the_paper_evaluates(
     assert written.keys() == states[default].keys() and not _differs(written, states[default])
     other = "student" if default == "teacher" else "teacher"
     assert not _differs(objective.exported_backbone(other).vit.state_dict(), states[other])
+
+
+def test_masked_objectives_are_reconstructors_and_others_are_not() -> None:
+    """Figures test for the optional `reconstruct` with isinstance; the answer must follow the method."""
+    found = {name: isinstance(make(name), Reconstructor) for name in objectives.names()}
+    assert found == {n: n in {"mae", "mpp"} for n in objectives.names()}
+    mae = make("mae")
+    out = mae.reconstruct(torch.randn(2, 1, 16, 16), torch.Generator().manual_seed(0))
+    assert out["mask"].shape == (2, 16) and out["pred"].shape == (2, 1, 16, 16)

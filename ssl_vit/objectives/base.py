@@ -7,8 +7,9 @@ and teacher, and turns a `Batch` into `(loss, logs)`. State that changes outside
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
@@ -89,3 +90,16 @@ class Objective(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) that get no weight decay beyond biases/norms."""
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+
+@runtime_checkable
+class Reconstructor(Protocol):
+    """An objective that can show what it predicts for hidden patches (MAE, MPP); figures draw it.
+
+    Test with `isinstance(objective, Reconstructor)`: the method is optional, so not on `Objective`.
+    """
+
+    def reconstruct(self, imgs: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """imgs (B, C, H, W), normalised as the model's input -> `mask` (B, N) bool, True = hidden, and
+        `pred` (B, C, H, W) in the same space; a seeded `generator` gives the same mask every time."""
+        ...
