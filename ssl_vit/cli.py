@@ -131,7 +131,10 @@ def pretrain(
     main = world.is_main_process
     torch.manual_seed(recipe.seed)
     backbone = backbone_from_config(recipe.model)  # applies model.init_from
-    objective = objectives.from_recipe(recipe, backbone, len(class_names(recipe.data.train)))
+    classes, mean, std = len(class_names(recipe.data.train)), recipe.data.mean, recipe.data.std
+    objective = objectives.build(
+        recipe.objective, backbone, num_classes=classes, pixel_mean=mean, pixel_std=std
+    )
     spec = objective.views()
     loader = train_loader(
         recipe.data, spec, recipe.model.img_size, recipe.model.in_chans, recipe.train.batch_size, recipe.seed
