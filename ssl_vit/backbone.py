@@ -236,6 +236,19 @@ class Backbone(nn.Module):
                 if hasattr(block, attr):
                     setattr(block, attr, DropPath(block_rate) if block_rate > 0 else nn.Identity())
 
+    def freeze_patch_embed(self, reinit: bool = False) -> None:
+        """Stop gradients into the patch projection; with `reinit`, first redraw it xavier-uniform over
+        the patch's fan-in and the width, bias zero, as MoCo v3's `vits.py` does (a fixed random
+        projection is its cure for training instability, Chen et al. 2021, sec. 4.2)."""
+        proj = self.vit.patch_embed.proj
+        if reinit:
+            fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+            bound = math.sqrt(6.0 / (fan_in + proj.out_channels))
+            nn.init.uniform_(proj.weight, -bound, bound)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        proj.requires_grad_(False)
+
     def group_matcher(self, prefix: str = "") -> dict[str, Any]:
         """timm's layer grouping (stem, blocks, final norm) for parameter names under `prefix`.
 

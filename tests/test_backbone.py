@@ -93,3 +93,17 @@ def test_timm_variants_by_name(name: str, overrides: dict[str, int]) -> None:
 def test_unknown_model_name_is_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="not a timm model"):
         Backbone.from_config(tiny_model_config(name="vit_tinyy"))
+
+
+def test_freeze_patch_embed_keeps_or_redraws_the_projection(tiny_backbone: Backbone) -> None:
+    before = {n: p.detach().clone() for n, p in tiny_backbone.named_parameters()}
+    tiny_backbone.freeze_patch_embed()
+    tiny_backbone(torch.randn(2, 1, 16, 16)).sum().backward()
+    frozen = {n for n, p in tiny_backbone.named_parameters() if not p.requires_grad}
+    assert frozen == {"vit.patch_embed.proj.weight", "vit.patch_embed.proj.bias"}
+    assert all(p.grad is None for n, p in tiny_backbone.named_parameters() if n in frozen)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_backbone.named_parameters())
+    tiny_backbone.freeze_patch_embed(reinit=True)  # MoCo v3: xavier-uniform, fan-in 1*4*4, width 32
+    weight = tiny_backbone.vit.patch_embed.proj.weight
+    assert not torch.equal(weight, before["vit.patch_embed.proj.weight"])
+    assert weight.abs().max() <= (6 / (16 + 32)) ** 0.5 and not weight.requires_grad
