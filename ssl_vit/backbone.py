@@ -15,6 +15,7 @@ touches timm internals.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -30,6 +31,9 @@ from ssl_vit.config import ModelConfig
 from ssl_vit.errors import RecipeError
 
 _EXPLICIT_SIZES = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+# Layer 0 for layer-wise lr decay: everything before the first block (MAE's `lr_decay.py`).
+_EMBEDDINGS = frozenset({"cls_token", "reg_token", "dist_token", "pos_embed", "patch_embed"})
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
 def timm_model_args(cfg: ModelConfig) -> dict[str, Any]:
@@ -248,6 +252,24 @@ class Backbone(nn.Module):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
         proj.requires_grad_(False)
+
+    @property
+    def num_layers(self) -> int:
+        """Layers for layer-wise lr decay: the embeddings (layer 0) and one per block (1..depth); what
+        comes after the blocks is layer `num_layers`, at the full lr."""
+        return len(self.vit.blocks) + 1
+
+    def layer_id(self, name: str) -> int:
+        """Layer of parameter `name` (as `named_parameters()` names it) for layer-wise lr decay.
+
+        BEiT (Bao et al. 2021, sec. 2.4) and MAE's `lr_decay.py`: 0 for the patch embedding, class and
+        register tokens and position embedding, i + 1 for block i, `num_layers` for the final norm.
+        """
+        local = name.removeprefix("vit.")
+        if local.split(".")[0] in _EMBEDDINGS:
+            return 0
+        block = _BLOCK.match(local)
+        return int(block.group(1)) + 1 if block else self.num_layers
 
     def group_matcher(self, prefix: str = "") -> dict[str, Any]:
         """timm's layer grouping (stem, blocks, final norm) for parameter names under `prefix`.

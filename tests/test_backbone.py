@@ -5,6 +5,8 @@ import torch
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.errors import RecipeError
+from ssl_vit.objectives import build
+from ssl_vit.optim import param_groups
 from tests.conftest import tiny_model_config
 
 
@@ -107,3 +109,24 @@ def test_freeze_patch_embed_keeps_or_redraws_the_projection(tiny_backbone: Backb
     weight = tiny_backbone.vit.patch_embed.proj.weight
     assert not torch.equal(weight, before["vit.patch_embed.proj.weight"])
     assert weight.abs().max() <= (6 / (16 + 32)) ** 0.5 and not weight.requires_grad
+
+
+def test_layer_id_puts_embeddings_first_then_the_blocks_and_heads_on_top() -> None:
+    """Expected layers come from module membership, not names; the lr scales of `param_groups` follow."""
+    torch.manual_seed(0)
+    backbone = Backbone.from_config(tiny_model_config(depth=3))
+    objective = build({"name": "supervised"}, backbone, num_classes=10)
+    vit = backbone.vit
+    expected = {id(vit.cls_token): 0, id(vit.pos_embed): 0}
+    expected |= {id(p): 0 for p in vit.patch_embed.parameters()}
+    expected |= {id(p): i + 1 for i, block in enumerate(vit.blocks) for p in block.parameters()}
+    expected |= {id(p): 4 for p in vit.norm.parameters()}
+    expected |= {id(p): 4 for p in objective.head.parameters()}
+    assert backbone.num_layers == objective.num_layers == 4
+    named = dict(objective.named_parameters())
+    assert {id(p) for p in named.values()} == set(expected)
+    assert all(objective.layer_id(n) == expected[id(p)] for n, p in named.items())
+    assert all(backbone.layer_id(n) == expected[id(p)] for n, p in backbone.named_parameters())
+    for group in param_groups(objective, 0.05, layer_decay=0.5):
+        for name in group["param_names"]:  # type: ignore[attr-defined]
+            assert group["lr_scale"] == 0.5 ** (4 - expected[id(named[name])]), name

@@ -87,6 +87,17 @@ class Objective(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called after the optimiser step and the EMA update (e.g. DINO's centre update)."""
 
+    @property
+    def num_layers(self) -> int:
+        """The backbone's layers for layer-wise lr decay (`optim.param_groups`); the top one has full lr."""
+        return self.backbone.num_layers
+
+    def layer_id(self, name: str) -> int:
+        """Layer of parameter `name` (relative to this module) for layer-wise lr decay: the backbone's
+        `layer_id`; heads, decoders and the objective's tokens sit on top (`num_layers`)."""
+        local = name.removeprefix("backbone.")
+        return self.backbone.layer_id(local) if local != name else self.num_layers
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) that get no weight decay beyond biases/norms."""
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
