@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.errors import RecipeError
+from ssl_vit.errors import CheckpointError, RecipeError
 from ssl_vit.objectives import build
 from ssl_vit.optim import param_groups
 from tests.conftest import tiny_model_config
@@ -130,3 +130,27 @@ def test_layer_id_puts_embeddings_first_then_the_blocks_and_heads_on_top() -> No
     for group in param_groups(objective, 0.05, layer_decay=0.5):
         for name in group["param_names"]:  # type: ignore[attr-defined]
             assert group["lr_scale"] == 0.5 ** (4 - expected[id(named[name])]), name
+
+
+def test_loading_weights_at_another_image_size_resamples_the_position_embedding(
+    tiny_backbone: Backbone,
+) -> None:
+    source = tiny_backbone.vit.state_dict()  # 16 px, 4x4 grid
+    bigger = Backbone.from_config(tiny_model_config(img_size=24))  # 6x6 grid
+    done = bigger.load_timm_weights(source)
+    pos = bigger.vit.pos_embed
+    assert pos.shape == (1, 1 + 36, 32) and done.missing == [] and len(done.loaded) == len(source)
+    assert torch.equal(pos[:, :1], source["pos_embed"][:, :1])  # the CLS position is kept as is
+    assert done.adapted == ["pos_embed resampled from a 4x4 to a 6x6 grid (bicubic)"]
+    loaded = bigger.vit.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.items() if k != "pos_embed")
+    assert bigger(torch.randn(2, 1, 24, 24)).shape == (2, 32)
+
+
+def test_loading_weights_of_another_architecture_is_one_line_naming_the_key(tiny_backbone: Backbone) -> None:
+    wider_mlp = Backbone.from_config(tiny_model_config(mlp_ratio=2.0))
+    with pytest.raises(CheckpointError, match="'blocks.0.mlp.fc1.weight' has shape") as err:
+        wider_mlp.load_timm_weights(tiny_backbone.vit.state_dict())
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="'head.weight' is not a weight of this backbone"):
+        wider_mlp.load_timm_weights({"head.weight": torch.zeros(3, 32)})
