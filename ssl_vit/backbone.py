@@ -190,6 +190,11 @@ class Backbone(nn.Module):
         """(B, C, H, W) -> (B, P + N, D), equal to timm's `forward_features`."""
         return self.encode(self.embed(imgs), grid=self.grid_of(imgs))
 
+    @property
+    def global_pool(self) -> str:
+        """timm's pooling for `pool`: "token" (the CLS token), "avg" (mean of patch tokens), ..."""
+        return str(self.vit.global_pool)
+
     def pool(self, features: Tensor) -> Tensor:
         """timm's own pooling (CLS token or mean of patches, per `global_pool`): (B, P+N, D) -> (B, D)."""
         return self.vit.forward_head(features, pre_logits=True)
