@@ -51,7 +51,10 @@ def build(recipe_name: str, overrides: list[str], n_batches: int) -> tuple[Any, 
     recipe = load_recipe(recipe_name, overrides)
     torch.manual_seed(recipe.seed)
     backbone = Backbone.from_config(recipe.model)
-    objective = objectives.from_recipe(recipe, backbone, len(class_names(recipe.data.train)))
+    classes, mean, std = len(class_names(recipe.data.train)), recipe.data.mean, recipe.data.std
+    objective = objectives.build(
+        recipe.objective, backbone, num_classes=classes, pixel_mean=mean, pixel_std=std
+    )
     loader = train_loader(
         recipe.data,
         objective.views(),

@@ -23,7 +23,6 @@ from ssl_vit.errors import CheckpointError, RecipeError
 from ssl_vit.rundir import RunDir
 
 if TYPE_CHECKING:
-    from ssl_vit.backbone import Backbone
     from ssl_vit.config import Recipe
     from ssl_vit.eval.compare import Protocol
     from ssl_vit.eval.features import EvalModel
@@ -74,7 +73,13 @@ def pretrain(
     main = world.is_main_process
     torch.manual_seed(r.seed)
     backbone = backbone_from_config(r.model)  # applies model.init_from
-    objective = objectives.from_recipe(r, backbone, len(class_names(r.data.train)))
+    objective = objectives.build(
+        r.objective,
+        backbone,
+        num_classes=len(class_names(r.data.train)),
+        pixel_mean=r.data.mean,
+        pixel_std=r.data.std,
+    )
     loader = train_loader(
         r.data, objective.views(), r.model.img_size, r.model.in_chans, r.train.batch_size, r.seed
     )
@@ -82,7 +87,7 @@ def pretrain(
     monitor = None
     if main and monitor_every:  # the backbone an export of this run would write
         monitor = online_monitor(
-            _exported_backbone(objective, r.objective["name"]),
+            objective.exported_backbone(),
             r.data.train,
             r.model.img_size,
             r.model.in_chans,
@@ -259,7 +264,7 @@ def default_weights(objective_name: str) -> str:
     from ssl_vit import objectives
 
     try:
-        return str(getattr(objectives.get(objective_name), "export_weights", "student"))
+        return objectives.get(objective_name).export_weights
     except RecipeError:  # a run made by an objective this install does not have
         return "student"
 
@@ -285,28 +290,10 @@ def _export_from_objective(
 ) -> Path:
     from ssl_vit.timm_export import export_backbone
 
-    weights = default_weights(recipe.objective["name"])
-    backbone = _exported_backbone(objective, recipe.objective["name"])
-    extra = _export_info(recipe, run_dir, weights)
+    extra = _export_info(recipe, run_dir, objective.export_weights)
     if seconds is not None:
         extra.update(pretrain_seconds=seconds, images_seen=images)
-    return export_backbone(backbone, out, recipe.data.mean, recipe.data.std, extra)
-
-
-def _exported_backbone(objective: Objective, name: str) -> Backbone:
-    """The backbone an export of this objective writes: its teacher or its student."""
-    return _teacher_backbone(objective) if default_weights(name) == "teacher" else objective.backbone
-
-
-def _teacher_backbone(objective: Objective) -> Backbone:
-    """`objective.teacher_backbone`, else the EMA partner of `objective.backbone` in `ema_pairs()`."""
-    teacher = getattr(objective, "teacher_backbone", None)
-    for online, partner in objective.ema_pairs():
-        if teacher is None and online is objective.backbone:
-            teacher = partner
-    if teacher is None:
-        raise CheckpointError("the objective asks for its teacher to be exported but has no teacher backbone")
-    return teacher  # type: ignore[no-any-return]
+    return export_backbone(objective.exported_backbone(), out, recipe.data.mean, recipe.data.std, extra)
 
 
 # ---------------------------------------------------------------- evaluators

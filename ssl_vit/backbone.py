@@ -15,21 +15,27 @@ touches timm internals.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import timm
 import torch
 from einops import rearrange
-from timm.layers import DropPath, resample_abs_pos_embed
+from timm.layers import DropPath, resample_abs_pos_embed, resample_patch_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ssl_vit.config import ModelConfig
-from ssl_vit.errors import RecipeError
+from ssl_vit.errors import CheckpointError, RecipeError
 
 _EXPLICIT_SIZES = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+# Layer 0 for layer-wise lr decay: everything before the first block (MAE's `lr_decay.py`).
+_EMBEDDINGS = frozenset({"cls_token", "reg_token", "dist_token", "pos_embed", "patch_embed"})
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
 def timm_model_args(cfg: ModelConfig) -> dict[str, Any]:
@@ -45,6 +51,15 @@ def timm_model_args(cfg: ModelConfig) -> dict[str, Any]:
     }
     args.update({k: getattr(cfg, k) for k in _EXPLICIT_SIZES if getattr(cfg, k) is not None})
     return args
+
+
+@dataclass
+class LoadedWeights:
+    """What `Backbone.load_timm_weights` did."""
+
+    loaded: list[str]  # keys copied in
+    missing: list[str]  # this backbone's tensors the state lacks, left as they were
+    adapted: list[str]  # one line per tensor resized, converted or not loaded
 
 
 class Backbone(nn.Module):
@@ -114,11 +129,16 @@ class Backbone(nn.Module):
         """
         return torch.where(mask.unsqueeze(-1), replacement.to(tokens.dtype).expand_as(tokens), tokens)
 
+    @property
+    def _pos_prefix(self) -> int:
+        """Prefix tokens that have a row in `pos_embed` (none where timm adds no position to them)."""
+        return 0 if self.vit.no_embed_class else self.num_prefix_tokens
+
     def patch_pos_embed(self, grid: tuple[int, int]) -> Tensor:
         """Position embeddings of the patch tokens, resampled to `grid`: (1, h*w, D)."""
         pos = self.vit.pos_embed
         assert pos is not None
-        prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
+        prefix = self._pos_prefix
         if tuple(grid) != self.grid_size:
             pos = resample_abs_pos_embed(
                 pos, new_size=list(grid), old_size=list(self.grid_size), num_prefix_tokens=prefix
@@ -169,6 +189,11 @@ class Backbone(nn.Module):
     def forward_features(self, imgs: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, P + N, D), equal to timm's `forward_features`."""
         return self.encode(self.embed(imgs), grid=self.grid_of(imgs))
+
+    @property
+    def global_pool(self) -> str:
+        """timm's pooling for `pool`: "token" (the CLS token), "avg" (mean of patch tokens), ..."""
+        return str(self.vit.global_pool)
 
     def pool(self, features: Tensor) -> Tensor:
         """timm's own pooling (CLS token or mean of patches, per `global_pool`): (B, P+N, D) -> (B, D)."""
@@ -236,6 +261,37 @@ class Backbone(nn.Module):
                 if hasattr(block, attr):
                     setattr(block, attr, DropPath(block_rate) if block_rate > 0 else nn.Identity())
 
+    def freeze_patch_embed(self, reinit: bool = False) -> None:
+        """Stop gradients into the patch projection; with `reinit`, first redraw it xavier-uniform over
+        the patch's fan-in and the width, bias zero, as MoCo v3's `vits.py` does (a fixed random
+        projection is its cure for training instability, Chen et al. 2021, sec. 4.2)."""
+        proj = self.vit.patch_embed.proj
+        if reinit:
+            fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+            bound = math.sqrt(6.0 / (fan_in + proj.out_channels))
+            nn.init.uniform_(proj.weight, -bound, bound)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        proj.requires_grad_(False)
+
+    @property
+    def num_layers(self) -> int:
+        """Layers for layer-wise lr decay: the embeddings (layer 0) and one per block (1..depth); what
+        comes after the blocks is layer `num_layers`, at the full lr."""
+        return len(self.vit.blocks) + 1
+
+    def layer_id(self, name: str) -> int:
+        """Layer of parameter `name` (as `named_parameters()` names it) for layer-wise lr decay.
+
+        BEiT (Bao et al. 2021, sec. 2.4) and MAE's `lr_decay.py`: 0 for the patch embedding, class and
+        register tokens and position embedding, i + 1 for block i, `num_layers` for the final norm.
+        """
+        local = name.removeprefix("vit.")
+        if local.split(".")[0] in _EMBEDDINGS:
+            return 0
+        block = _BLOCK.match(local)
+        return int(block.group(1)) + 1 if block else self.num_layers
+
     def group_matcher(self, prefix: str = "") -> dict[str, Any]:
         """timm's layer grouping (stem, blocks, final norm) for parameter names under `prefix`.
 
@@ -253,6 +309,57 @@ class Backbone(nn.Module):
             for name, spec in matcher.items()
         }
 
+    def load_timm_weights(self, state: Mapping[str, Tensor]) -> LoadedWeights:
+        """Copy timm ViT weights (keys as in `vit.state_dict()`, any subset) into this backbone.
+
+        Shapes that differ only where a recipe may differ from the checkpoint are adapted with timm's
+        own functions: the position embedding is resampled to this grid (`resample_abs_pos_embed`,
+        bicubic, prefix positions kept), the patch projection to this channel count (`adapt_input_conv`:
+        a sum over RGB for one channel) and patch size (FlexiViT's `resample_patch_embed`). A fixed
+        sin-cos table is kept, not loaded: it is exact at any grid. A key this backbone lacks or any
+        other shape mismatch is a one-line `CheckpointError` naming the key.
+        """
+        own = self.vit.state_dict()
+        state = dict(state)
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise CheckpointError(
+                f"'{unknown[0]}' is not a weight of this backbone ({len(unknown)} such keys)"
+            )
+        notes: list[str] = []
+        pos = self.vit.pos_embed
+        fixed = {"pos_embed"} if pos is not None and not pos.requires_grad else set()
+        if fixed and state.pop("pos_embed", None) is not None:
+            notes.append("pos_embed not loaded: the recipe's fixed sin-cos table is kept")
+        for key, value in list(state.items()):
+            want = own[key]
+            if tuple(value.shape) == tuple(want.shape):
+                continue
+            if key == "pos_embed":
+                state[key] = self._resampled_pos_embed(value, want, notes)
+            elif key == "patch_embed.proj.weight":
+                state[key] = _adapted_patch_embed(value, want, notes)
+            else:
+                raise CheckpointError(
+                    f"'{key}' has shape {tuple(value.shape)} in the checkpoint but the recipe's model has "
+                    f"{tuple(want.shape)}; set model.embed_dim/depth/num_heads/mlp_ratio to the checkpoint's"
+                )
+        self.vit.load_state_dict(state, strict=False)
+        return LoadedWeights(sorted(state), sorted(set(own) - set(state) - fixed), notes)
+
+    def _resampled_pos_embed(self, value: Tensor, target: Tensor, notes: list[str]) -> Tensor:
+        """(1, P + n*n, D) position embeddings -> this grid, the prefix rows kept as they are."""
+        prefix = self._pos_prefix
+        side = math.isqrt(max(value.shape[1] - prefix, 0))
+        if value.ndim != 3 or side * side != value.shape[1] - prefix or value.shape[2] != target.shape[2]:
+            raise CheckpointError(
+                f"'pos_embed' has shape {tuple(value.shape)} in the checkpoint, which does not resample to "
+                f"{tuple(target.shape)} ({prefix} prefix tokens + a square grid, same width)"
+            )
+        grid = list(self.grid_size)
+        notes.append(f"pos_embed resampled from a {side}x{side} to a {grid[0]}x{grid[1]} grid (bicubic)")
+        return resample_abs_pos_embed(value, new_size=grid, old_size=[side, side], num_prefix_tokens=prefix)
+
     def reset_parameters(self, seed: int) -> None:
         """Fresh weights with timm's own initialisation (the random-init baseline); the global RNG is
         left untouched. Fixed sin-cos position embeddings stay fixed."""
@@ -267,3 +374,32 @@ class Backbone(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) that should get no weight decay."""
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
+
+
+def _adapted_patch_embed(value: Tensor, target: Tensor, notes: list[str]) -> Tensor:
+    """Patch projection weights (D, C, p, p) -> the target's channel count and patch size."""
+    if value.ndim != 4 or value.shape[0] != target.shape[0]:
+        raise CheckpointError(
+            f"'patch_embed.proj.weight' has shape {tuple(value.shape)} in the checkpoint but the "
+            f"recipe's model needs {tuple(target.shape)}; match model.embed_dim to the checkpoint"
+        )
+    if value.shape[1] != target.shape[1]:
+        old_chans = value.shape[1]
+        try:
+            value = adapt_input_conv(int(target.shape[1]), value).to(target.dtype)
+        except NotImplementedError:
+            raise CheckpointError(
+                f"'patch_embed.proj.weight' has {old_chans} input channels and cannot be adapted "
+                f"to model.in_chans={target.shape[1]} (only 3-channel weights adapt to other counts)"
+            ) from None
+        how = "summed over channels" if target.shape[1] == 1 else "repeated and rescaled"
+        notes.append(
+            f"patch_embed.proj.weight {how}: {old_chans} -> {target.shape[1]} channels (adapt_input_conv)"
+        )
+    if tuple(value.shape[2:]) != tuple(target.shape[2:]):
+        old = tuple(value.shape[2:])
+        value = resample_patch_embed(value, list(target.shape[2:]))
+        notes.append(
+            f"patch_embed.proj.weight resized from {old} to {tuple(target.shape[2:])} patches (FlexiViT)"
+        )
+    return value

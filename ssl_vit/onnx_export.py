@@ -84,7 +84,7 @@ def export_onnx(
         "input_size": json.dumps([backbone.in_chans, height, width]),
         "mean": json.dumps(list(mean)),
         "std": json.dumps(list(std)),
-        "features": f"pooled ({backbone.vit.global_pool or 'token'}), width {backbone.embed_dim}",
+        "features": f"pooled ({backbone.global_pool or 'token'}), width {backbone.embed_dim}",
     }
     program.model.metadata_props.update(meta)
     program.save(str(out))  # weights go to an external-data file only past protobuf's 2 GB limit

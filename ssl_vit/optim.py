@@ -9,15 +9,14 @@ curve for the lr, the weight decay and the EMA momentum.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 # Tokens and position embeddings carry no weight decay whatever their shape (timm, MAE, DINO).
 NO_DECAY_LEAVES = frozenset({"cls_token", "reg_token", "dist_token", "mask_token", "pos_embed"})
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
 def cosine_schedule(
@@ -50,32 +49,14 @@ def is_no_decay(name: str, param: nn.Parameter, extra: Iterable[str] = ()) -> bo
     return param.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_LEAVES or name in set(extra)
 
 
-def vit_layer_id(name: str, depth: int, prefix: str = "backbone.vit.") -> int:
-    """Layer of a parameter for layer-wise lr decay, following MAE's `lr_decay.py`.
+@runtime_checkable
+class Layered(Protocol):
+    """A model that knows which layer each of its parameters is in (an `Objective`, from its backbone)."""
 
-    Under `prefix` (the timm ViT): embeddings and tokens -> 0, `blocks.i` -> i + 1, the final norm
-    -> depth + 1. Everything outside the backbone (heads) -> depth + 1, i.e. the full lr.
-    """
-    if not name.startswith(prefix):
-        return depth + 1
-    local = name[len(prefix) :]
-    if local.split(".")[0] in NO_DECAY_LEAVES or local.startswith("patch_embed"):
-        return 0
-    match = _BLOCK.match("." + local)
-    return int(match.group(1)) + 1 if match else depth + 1
+    @property
+    def num_layers(self) -> int: ...
 
-
-def backbone_depth(names: Iterable[str], prefix: str = "backbone.vit.") -> int:
-    """Number of transformer blocks, read from parameter names (`...blocks.<i>....`)."""
-    ids = [
-        int(m.group(1)) for n in names if n.startswith(prefix) if (m := _BLOCK.match("." + n[len(prefix) :]))
-    ]
-    return max(ids) + 1 if ids else 0
-
-
-def layer_scale(name: str, depth: int, decay: float, prefix: str = "backbone.vit.") -> float:
-    """lr multiplier `decay ** (depth + 1 - layer_id)`: 1 for the head, smallest for the embeddings."""
-    return decay ** (depth + 1 - vit_layer_id(name, depth, prefix))
+    def layer_id(self, name: str) -> int: ...
 
 
 def param_groups(
@@ -83,20 +64,27 @@ def param_groups(
     weight_decay: float,
     no_decay: Iterable[str] = (),
     layer_decay: float | None = None,
-    prefix: str = "backbone.vit.",
 ) -> list[dict[str, object]]:
     """AdamW groups keyed by (decay or not, lr scale). Frozen parameters are left out.
 
-    Each group carries `apply_wd` (whether the weight-decay schedule applies), `lr_scale` (the engine
-    sets `lr = lr_now * lr_scale`) and `param_names` (for tests and debugging).
+    With `layer_decay` the model must be `Layered`: parameter `name` gets the lr scale
+    `layer_decay ** (num_layers - layer_id(name))`, 1 on the top layer and smallest on the embeddings
+    (layer 0). Each group carries `apply_wd` (whether the weight-decay schedule applies), `lr_scale`
+    (the engine sets `lr = lr_now * lr_scale`) and `param_names` (for tests and debugging).
     """
     skip = set(no_decay)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    depth = backbone_depth((n for n, _ in named), prefix)
+    scales: dict[str, float] = {}
+    if layer_decay is not None:
+        if not isinstance(model, Layered):
+            raise ValueError(
+                f"layer_decay needs a model with layer_id() and num_layers: {type(model).__name__}"
+            )
+        scales = {n: layer_decay ** (model.num_layers - model.layer_id(n)) for n, _ in named}
     groups: dict[tuple[bool, float], dict[str, object]] = {}
     for name, param in named:
         decays = not is_no_decay(name, param, skip)
-        scale = 1.0 if layer_decay is None else layer_scale(name, depth, layer_decay, prefix)
+        scale = scales.get(name, 1.0)
         group = groups.setdefault(
             (decays, scale),
             {

@@ -19,17 +19,16 @@ Layouts recognised (the part kept is the backbone; heads, decoders and momentum 
   - official MoCo v3 (Chen et al. 2021): `{"state_dict": ...}` with `module.base_encoder.`; the base
     (online) encoder is taken and its `head.` projector dropped, as MoCo v3's `main_lincls.py` does;
   - plain timm state dicts, and ssl-vit checkpoints (`backbone.vit.`).
-Absolute position embeddings are resampled to the recipe's grid (timm's `resample_abs_pos_embed`), the
-patch embedding to the recipe's channel count (timm's `adapt_input_conv`: a sum over RGB for one
-channel) and patch size (FlexiViT's pseudo-inverse resize, `resample_patch_embed`). Any other shape
-mismatch is a one-line `CheckpointError` naming the key.
+`Backbone.load_timm_weights` copies the weights in: absolute position embeddings are resampled to the
+recipe's grid, the patch embedding to the recipe's channel count (a sum over RGB for one channel) and
+patch size (FlexiViT's pseudo-inverse resize). Any other shape mismatch is a one-line `CheckpointError`
+naming the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import pickle
 import re
 import zipfile
@@ -40,8 +39,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
-from timm.models import adapt_input_conv
 from torch import Tensor
 
 from ssl_vit.backbone import Backbone
@@ -174,52 +171,6 @@ def find_prefix(state: dict[str, Tensor], target: set[str]) -> str:
     return found.most_common(1)[0][0] if found else ""
 
 
-def _adapt_pos_embed(value: Tensor, backbone: Backbone, notes: list[str]) -> Tensor:
-    """Resample (1, P + n*n, D) position embeddings to the backbone's grid, the prefix kept."""
-    target = backbone.vit.pos_embed
-    assert target is not None
-    prefix = 0 if backbone.vit.no_embed_class else backbone.num_prefix_tokens
-    side = math.isqrt(max(value.shape[1] - prefix, 0))
-    if value.ndim != 3 or side * side != value.shape[1] - prefix or value.shape[2] != target.shape[2]:
-        raise CheckpointError(
-            f"'pos_embed' has shape {tuple(value.shape)} in the checkpoint, which does not resample to "
-            f"{tuple(target.shape)} ({prefix} prefix tokens + a square grid, same width)"
-        )
-    grid = list(backbone.grid_size)
-    resized = resample_abs_pos_embed(value, new_size=grid, old_size=[side, side], num_prefix_tokens=prefix)
-    notes.append(f"pos_embed resampled from a {side}x{side} to a {grid[0]}x{grid[1]} grid (bicubic)")
-    return resized
-
-
-def _adapt_patch_embed(value: Tensor, target: Tensor, notes: list[str]) -> Tensor:
-    """(D, C, p, p) -> the backbone's channel count and patch size."""
-    if value.ndim != 4 or value.shape[0] != target.shape[0]:
-        raise CheckpointError(
-            f"'patch_embed.proj.weight' has shape {tuple(value.shape)} in the checkpoint but the "
-            f"recipe's model needs {tuple(target.shape)}; match model.embed_dim to the checkpoint"
-        )
-    if value.shape[1] != target.shape[1]:
-        old_chans = value.shape[1]
-        try:
-            value = adapt_input_conv(int(target.shape[1]), value).to(target.dtype)
-        except NotImplementedError:
-            raise CheckpointError(
-                f"'patch_embed.proj.weight' has {old_chans} input channels and cannot be adapted "
-                f"to model.in_chans={target.shape[1]} (only 3-channel weights adapt to other counts)"
-            ) from None
-        how = "summed over channels" if target.shape[1] == 1 else "repeated and rescaled"
-        notes.append(
-            f"patch_embed.proj.weight {how}: {old_chans} -> {target.shape[1]} channels (adapt_input_conv)"
-        )
-    if tuple(value.shape[2:]) != tuple(target.shape[2:]):
-        old = tuple(value.shape[2:])
-        value = resample_patch_embed(value, list(target.shape[2:]))
-        notes.append(
-            f"patch_embed.proj.weight resized from {old} to {tuple(target.shape[2:])} patches (FlexiViT)"
-        )
-    return value
-
-
 def load_into_backbone(backbone: Backbone, path: Path, checkpoint_key: str | None = None) -> LoadReport:
     """Copy the backbone weights found at `path` into `backbone` in place; log and return a report.
 
@@ -240,28 +191,11 @@ def load_into_backbone(backbone: Backbone, path: Path, checkpoint_key: str | Non
             f"init_from {path}: none of its {len(raw)} tensors are ViT backbone weights "
             f"(first keys: {', '.join(list(raw)[:3])})"
         )
-    pos = backbone.vit.pos_embed
-    kept = {"pos_embed"} if pos is not None and not pos.requires_grad else set()
-    if kept and "pos_embed" in state:
-        del state["pos_embed"]  # a fixed sin-cos recipe: its own table is exact at any grid
-        report.adapted.append("pos_embed not loaded: the recipe's fixed sin-cos table is kept")
-    for key, value in list(state.items()):
-        want = own[key]
-        if tuple(value.shape) == tuple(want.shape):
-            continue
-        if key == "pos_embed":
-            state[key] = _adapt_pos_embed(value, backbone, report.adapted)
-        elif key == "patch_embed.proj.weight":
-            state[key] = _adapt_patch_embed(value, want, report.adapted)
-        else:
-            raise CheckpointError(
-                f"init_from {path}: '{key}' has shape {tuple(value.shape)} in the checkpoint but the "
-                f"recipe's model has {tuple(want.shape)}; set model.embed_dim/depth/num_heads/mlp_ratio "
-                "to the checkpoint's"
-            )
-    backbone.vit.load_state_dict(state, strict=False)
-    report.loaded = sorted(state)
-    report.missing = sorted(set(own) - set(state) - kept)
+    try:
+        done = backbone.load_timm_weights(state)
+    except CheckpointError as err:
+        raise CheckpointError(f"init_from {path}: {err}") from None
+    report.loaded, report.missing, report.adapted = done.loaded, done.missing, done.adapted
     log.log(logging.WARNING if report.missing else logging.INFO, report.format())
     return report
 

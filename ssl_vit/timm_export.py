@@ -12,7 +12,7 @@ the objective's `backbone` attribute (keys `backbone.vit.*`), and an objective w
 (DINO, MoCo v3) names the teacher's `Backbone` `teacher_backbone` (keys `teacher_backbone.vit.*`).
 `backbone_state` picks one of the two by that prefix (a teacher stored elsewhere is still found when
 exactly one other backbone's path names a teacher, momentum or EMA module). Which one a run exports by default is the
-objective's class attribute `export_weights` ("student" when absent): "teacher" where the paper
+objective's `export_weights` (`Objective.exported_backbone` picks it): "teacher" where the paper
 evaluates the teacher (DINO: Caron et al. 2021, sec. 3.1, "the teacher has better performance than
 the student"; its `eval_linear.py` defaults to `--checkpoint_key teacher`), "student" otherwise
 (MoCo v3's `main_lincls.py` evaluates the base encoder, not the momentum encoder).

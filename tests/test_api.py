@@ -31,7 +31,11 @@ def readme_api_example() -> str:
 def test_readme_example_runs_as_written(tmp_path: Path) -> None:
     """Run in a fresh interpreter from a scratch folder: what a user pasting it would see."""
     proc = subprocess.run(
-        [sys.executable, "-c", readme_api_example()], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", readme_api_example()],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     top1 = float(proc.stdout.strip().splitlines()[-1])

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.errors import RecipeError
+from ssl_vit.errors import CheckpointError, RecipeError
+from ssl_vit.objectives import build
+from ssl_vit.optim import param_groups
 from tests.conftest import tiny_model_config
 
 
@@ -93,3 +95,62 @@ def test_timm_variants_by_name(name: str, overrides: dict[str, int]) -> None:
 def test_unknown_model_name_is_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="not a timm model"):
         Backbone.from_config(tiny_model_config(name="vit_tinyy"))
+
+
+def test_freeze_patch_embed_keeps_or_redraws_the_projection(tiny_backbone: Backbone) -> None:
+    before = {n: p.detach().clone() for n, p in tiny_backbone.named_parameters()}
+    tiny_backbone.freeze_patch_embed()
+    tiny_backbone(torch.randn(2, 1, 16, 16)).sum().backward()
+    frozen = {n for n, p in tiny_backbone.named_parameters() if not p.requires_grad}
+    assert frozen == {"vit.patch_embed.proj.weight", "vit.patch_embed.proj.bias"}
+    assert all(p.grad is None for n, p in tiny_backbone.named_parameters() if n in frozen)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_backbone.named_parameters())
+    tiny_backbone.freeze_patch_embed(reinit=True)  # MoCo v3: xavier-uniform, fan-in 1*4*4, width 32
+    weight = tiny_backbone.vit.patch_embed.proj.weight
+    assert not torch.equal(weight, before["vit.patch_embed.proj.weight"])
+    assert weight.abs().max() <= (6 / (16 + 32)) ** 0.5 and not weight.requires_grad
+
+
+def test_layer_id_puts_embeddings_first_then_the_blocks_and_heads_on_top() -> None:
+    """Expected layers come from module membership, not names; the lr scales of `param_groups` follow."""
+    torch.manual_seed(0)
+    backbone = Backbone.from_config(tiny_model_config(depth=3))
+    objective = build({"name": "supervised"}, backbone, num_classes=10)
+    vit = backbone.vit
+    expected = {id(vit.cls_token): 0, id(vit.pos_embed): 0}
+    expected |= {id(p): 0 for p in vit.patch_embed.parameters()}
+    expected |= {id(p): i + 1 for i, block in enumerate(vit.blocks) for p in block.parameters()}
+    expected |= {id(p): 4 for p in vit.norm.parameters()}
+    expected |= {id(p): 4 for p in objective.head.parameters()}
+    assert backbone.num_layers == objective.num_layers == 4
+    named = dict(objective.named_parameters())
+    assert {id(p) for p in named.values()} == set(expected)
+    assert all(objective.layer_id(n) == expected[id(p)] for n, p in named.items())
+    assert all(backbone.layer_id(n) == expected[id(p)] for n, p in backbone.named_parameters())
+    for group in param_groups(objective, 0.05, layer_decay=0.5):
+        for name in group["param_names"]:  # type: ignore[attr-defined]
+            assert group["lr_scale"] == 0.5 ** (4 - expected[id(named[name])]), name
+
+
+def test_loading_weights_at_another_image_size_resamples_the_position_embedding(
+    tiny_backbone: Backbone,
+) -> None:
+    source = tiny_backbone.vit.state_dict()  # 16 px, 4x4 grid
+    bigger = Backbone.from_config(tiny_model_config(img_size=24))  # 6x6 grid
+    done = bigger.load_timm_weights(source)
+    pos = bigger.vit.pos_embed
+    assert pos.shape == (1, 1 + 36, 32) and done.missing == [] and len(done.loaded) == len(source)
+    assert torch.equal(pos[:, :1], source["pos_embed"][:, :1])  # the CLS position is kept as is
+    assert done.adapted == ["pos_embed resampled from a 4x4 to a 6x6 grid (bicubic)"]
+    loaded = bigger.vit.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.items() if k != "pos_embed")
+    assert bigger(torch.randn(2, 1, 24, 24)).shape == (2, 32)
+
+
+def test_loading_weights_of_another_architecture_is_one_line_naming_the_key(tiny_backbone: Backbone) -> None:
+    wider_mlp = Backbone.from_config(tiny_model_config(mlp_ratio=2.0))
+    with pytest.raises(CheckpointError, match="'blocks.0.mlp.fc1.weight' has shape") as err:
+        wider_mlp.load_timm_weights(tiny_backbone.vit.state_dict())
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="'head.weight' is not a weight of this backbone"):
+        wider_mlp.load_timm_weights({"head.weight": torch.zeros(3, 32)})

@@ -40,7 +40,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two runs of one recipe (seeds 0 and 1) and an export of a third run with another lr."""
     base = tmp_path_factory.mktemp("compare")
     out = [
-        pretrain("digits/supervised", [*TINY, "train.max_steps=2", f"seed={s}"], base / f"sup-s{s}", quiet=True)
+        pretrain(
+            "digits/supervised", [*TINY, "train.max_steps=2", f"seed={s}"], base / f"sup-s{s}", quiet=True
+        )
         for s in (0, 1)
     ]
     other = pretrain(

@@ -133,7 +133,9 @@ def test_demo_on_digits_at_a_tiny_budget(
 ) -> None:
     """The real demo path (every objective pretrained in its own process, 2 at a time, evaluations in
     2 processes) with a tiny model and a cheaper probe grid, to keep the suite fast."""
-    monkeypatch.setattr(demo_runs, "DEMO_PROTOCOL", {**demo_runs.DEMO_PROTOCOL, "seeds": 2, "probe_cs": [1.0]})
+    monkeypatch.setattr(
+        demo_runs, "DEMO_PROTOCOL", {**demo_runs.DEMO_PROTOCOL, "seeds": 2, "probe_cs": [1.0]}
+    )
     args = ["demo", *TINY, "--steps-scale", "0.02", "--jobs", "2", "--threads", "1", "--out", str(tmp_path)]
     assert main([*args, "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -153,7 +155,9 @@ def test_parallel_demo_writes_the_figures_of_a_sequential_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same recipes and seeds, 2 processes at a time or 1: the same results.json figures."""
-    monkeypatch.setattr(demo_runs, "DEMO_PROTOCOL", {**demo_runs.DEMO_PROTOCOL, "seeds": 2, "probe_cs": [1.0]})
+    monkeypatch.setattr(
+        demo_runs, "DEMO_PROTOCOL", {**demo_runs.DEMO_PROTOCOL, "seeds": 2, "probe_cs": [1.0]}
+    )
     results = []
     for jobs in ("2", "1"):
         out = tmp_path / f"jobs{jobs}"

@@ -191,16 +191,3 @@ def test_export_weights_student_teacher_and_objective_default(
     folder = export(run, tmp_path / "dino_like")
     torch.testing.assert_close(_features(folder, x), ref["teacher"], rtol=0, atol=1e-6)
     assert json.loads((folder / "config.json").read_text())["ssl_vit"]["weights"] == "teacher"
-
-
-def test_pretrain_finds_the_teacher_by_attribute_or_in_ema_pairs(tiny_backbone: Backbone) -> None:
-    from types import SimpleNamespace
-
-    from ssl_vit.api import _teacher_backbone
-
-    teacher = Backbone.from_config(tiny_model_config())
-    named = SimpleNamespace(backbone=tiny_backbone, teacher_backbone=teacher, ema_pairs=lambda: [])
-    paired = SimpleNamespace(backbone=tiny_backbone, ema_pairs=lambda: [(tiny_backbone, teacher)])
-    assert _teacher_backbone(named) is teacher and _teacher_backbone(paired) is teacher
-    with pytest.raises(CheckpointError, match="no teacher"):
-        _teacher_backbone(SimpleNamespace(backbone=tiny_backbone, ema_pairs=lambda: []))

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
+from ssl_vit.timm_export import export_backbone
 
 from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
 from ssl_vit.data import load_images
 from ssl_vit.data.views import MultiView
 from ssl_vit.engine.ema import ema_update
-from ssl_vit.objectives.base import Objective
+from ssl_vit.errors import CheckpointError
+from ssl_vit.objectives.base import Objective, Reconstructor
 from ssl_vit.types import Batch
 from tests.conftest import tiny_model_config
 
@@ -94,3 +99,49 @@ def test_unknown_objective_lists_the_known_ones() -> None:
 
     with pytest.raises(RecipeError, match="supervised"):
         objectives.get("simclrr")
+
+
+@pytest.mark.parametrize("name", ["supervised", "mpp", "mae", "simclr"])
+def test_asking_a_teacherless_objective_for_its_teacher_is_a_checkpoint_error(name: str) -> None:
+    objective = make(name)
+    assert objective.ema_teacher() is None and objective.exported_backbone() is objective.backbone
+    with pytest.raises(CheckpointError, match="has no EMA teacher") as err:
+        objective.exported_backbone("teacher")
+    assert "\n" not in str(err.value)
+
+
+def _differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "name, teacher_attr, default",
+    [("dino", "teacher_backbone", "teacher"), ("mocov3", "momentum_backbone", "student")],
+)
+def test_export_writes_the_backbone_the_paper_evaluates(
+    name: str, teacher_attr: str, default: str, tmp_path: Path
+) -> None:
+    """DINO evaluates its EMA teacher, MoCo v3 its base encoder; after two steps with EMA updates
+    student and teacher differ, and the default export holds exactly the chosen one's tensors."""
+    torch.manual_seed(0)
+    objective = make(name)
+    train_steps(objective, fixed_batch(objective, 8), steps=2)
+    states = {
+        "student": objective.backbone.vit.state_dict(),
+        "teacher": getattr(objective, teacher_attr).vit.state_dict(),
+    }
+    assert _differs(states["student"], states["teacher"])
+    export_backbone(objective.exported_backbone(), tmp_path, [0.5], [0.5])
+    written = load_file(str(tmp_path / "model.safetensors"))
+    assert written.keys() == states[default].keys() and not _differs(written, states[default])
+    other = "student" if default == "teacher" else "teacher"
+    assert not _differs(objective.exported_backbone(other).vit.state_dict(), states[other])
+
+
+def test_masked_objectives_are_reconstructors_and_others_are_not() -> None:
+    """Figures test for the optional `reconstruct` with isinstance; the answer must follow the method."""
+    found = {name: isinstance(make(name), Reconstructor) for name in objectives.names()}
+    assert found == {n: n in {"mae", "mpp"} for n in objectives.names()}
+    mae = make("mae")
+    out = mae.reconstruct(torch.randn(2, 1, 16, 16), torch.Generator().manual_seed(0))
+    assert out["mask"].shape == (2, 16) and out["pred"].shape == (2, 1, 16, 16)

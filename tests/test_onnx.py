@@ -39,6 +39,7 @@ def test_cli_onnx_round_trip_with_a_dynamic_batch(tmp_path: Path) -> None:
         assert got.shape == (batch, 32) and np.abs(got - want).max() <= 1e-4
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m" / "model.onnx")).metadata_props}
     assert json.loads(meta["mean"]) == [0.5] and json.loads(meta["input_size"]) == [1, 16, 16]
+    assert meta["features"] == "pooled (token), width 32"
 
 
 def test_missing_extra_is_one_line_naming_the_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ssl_vit.objectives import build
-from ssl_vit.optim import adamw, backbone_depth, cosine_schedule, param_groups, scaled_lr, vit_layer_id
+from ssl_vit.optim import adamw, cosine_schedule, param_groups, scaled_lr
 from tests.conftest import tiny_model_config
 
 
@@ -87,28 +87,38 @@ def test_tokens_are_not_decayed_by_name_whatever_their_shape() -> None:
     assert "frozen" not in table
 
 
+def _tiny_supervised() -> torch.nn.Module:
+    from ssl_vit.backbone import Backbone
+
+    return build({"name": "supervised"}, Backbone.from_config(tiny_model_config()), num_classes=10)
+
+
 def test_layer_wise_lr_decay_matches_hand_worked_values() -> None:
-    # depth 2, decay 0.5: embeddings and tokens 0.5^3, block 0 0.5^2, block 1 0.5, norm and heads 1.
-    table = _scale_and_decay(param_groups(_WithTokens(), 0.05, layer_decay=0.5))
+    # depth 2, decay 0.5: embeddings and tokens 0.5^3, block 0 0.5^2, block 1 0.5, norm and head 1.
+    table = _scale_and_decay(param_groups(_tiny_supervised(), 0.05, layer_decay=0.5))
     expected = {
         "backbone.vit.cls_token": 0.125,
         "backbone.vit.pos_embed": 0.125,
-        "backbone.vit.patch_embed.weight": 0.125,
-        "backbone.vit.blocks.0.weight": 0.25,
-        "backbone.vit.blocks.0.bias": 0.25,
-        "backbone.vit.blocks.1.weight": 0.5,
+        "backbone.vit.patch_embed.proj.weight": 0.125,
+        "backbone.vit.patch_embed.proj.bias": 0.125,
+        "backbone.vit.blocks.0.attn.qkv.weight": 0.25,
+        "backbone.vit.blocks.0.norm1.bias": 0.25,
+        "backbone.vit.blocks.1.mlp.fc2.weight": 0.5,
         "backbone.vit.norm.weight": 1.0,
         "head.weight": 1.0,
-        "mask_token": 1.0,
     }
     for name, scale in expected.items():
         assert table[name][0] == pytest.approx(scale), name
-    assert backbone_depth(table) == 2
-    assert vit_layer_id("backbone.vit.blocks.1.attn.qkv.weight", 2) == 2
+    assert {round(scale, 6) for scale, _ in table.values()} == {0.125, 0.25, 0.5, 1.0}
+
+
+def test_layer_decay_needs_a_model_that_knows_its_layers() -> None:
+    with pytest.raises(ValueError, match="layer_id"):
+        param_groups(_WithTokens(), 0.05, layer_decay=0.5)
 
 
 def test_param_groups_feed_adamw_and_the_linear_lr_rule() -> None:
-    groups = param_groups(_WithTokens(), 0.05, layer_decay=0.5)
+    groups = param_groups(_tiny_supervised(), 0.05, layer_decay=0.5)
     optimizer = torch.optim.AdamW(groups, lr=1.0)  # type: ignore[arg-type]
     assert len(optimizer.param_groups) == len(groups) and all("lr_scale" in g for g in optimizer.param_groups)
     assert scaled_lr(1.5e-4, 4096, "linear") == pytest.approx(

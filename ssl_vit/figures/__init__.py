@@ -23,6 +23,7 @@ from ssl_vit.eval.features import EvalModel, extract, normalise
 from ssl_vit.figures import attention, curves, embedding, reconstruction
 from ssl_vit.figures._mpl import to_display
 from ssl_vit.figures.source import Source, open_source, pick_images
+from ssl_vit.objectives.base import Reconstructor
 from ssl_vit.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _attention(source: Source, report: FigureReport, suffix: str, n_images: int)
 def _reconstruction(source: Source, report: FigureReport, suffix: str, n_images: int, seed: int) -> None:
     if source.objective is None or source.model is None:
         raise DataError(source.missing["objective"])
-    if not reconstruction.can_reconstruct(source.objective):
+    if not isinstance(source.objective, Reconstructor):
         name = type(source.objective).__name__
         raise RecipeError(f"objective {name} has no reconstruct() (only masked objectives have one)")
     model = source.model

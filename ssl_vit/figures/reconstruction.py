@@ -2,9 +2,9 @@
 
 He et al. 2021 (fig. 2) show, per image, the input, the masked input, the reconstruction and the
 reconstruction pasted into the hidden patches next to the visible ones. For the ViT paper's masked
-patch prediction the prediction is each corrupted patch's 3-bit mean colour. Any objective with a
-`reconstruct(imgs, generator=None) -> {"mask": (B, N) bool, True = hidden, "pred": (B, C, H, W)}`
-method is drawn; a seeded generator gives the same masks every time.
+patch prediction the prediction is each corrupted patch's 3-bit mean colour. Any objective that is a
+`Reconstructor` (`reconstruct(imgs, generator=None) -> {"mask": (B, N) bool, True = hidden, "pred":
+(B, C, H, W)}`, objectives/base.py) is drawn; a seeded generator gives the same masks every time.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ssl_vit.backbone import Backbone
 from ssl_vit.errors import RecipeError
 from ssl_vit.figures._mpl import FONT, grid_figure, save, show_image, to_display
+from ssl_vit.objectives.base import Reconstructor
 
 HIDDEN_GREY = 0.5
 COLUMNS = ("input", "masked", "prediction", "prediction + visible")
@@ -37,23 +38,18 @@ class Reconstruction:
     paste: np.ndarray
 
 
-def can_reconstruct(objective: nn.Module) -> bool:
-    return callable(getattr(objective, "reconstruct", None))
-
-
 @torch.no_grad()
 def reconstruct(
     objective: nn.Module, imgs: Tensor, mean: Sequence[float], std: Sequence[float], seed: int = 0
 ) -> Reconstruction:
     """Run the objective's `reconstruct` on normalised images (B, C, H, W) with a seeded mask."""
-    if not can_reconstruct(objective):
+    if not isinstance(objective, Reconstructor):
         raise RecipeError(f"objective '{type(objective).__name__}' has no reconstruct() method")
     backbone = objective.backbone
     assert isinstance(backbone, Backbone)
     was_training = objective.training
     objective.eval()
-    run = getattr(objective, "reconstruct")  # noqa: B009 - optional method, checked above
-    out = run(imgs, generator=torch.Generator().manual_seed(seed))
+    out = objective.reconstruct(imgs, generator=torch.Generator().manual_seed(seed))
     objective.train(was_training)
     h, w = backbone.grid_of(imgs)
     p = backbone.patch_size

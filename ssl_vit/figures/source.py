@@ -42,7 +42,10 @@ def load_objective(run_dir: Path, ckpt: Path) -> tuple[nn.Module, Any]:
     recipe = RunDir(run_dir).recipe()
     torch.manual_seed(recipe.seed)
     backbone = Backbone.from_config(recipe.model)
-    objective = objectives.from_recipe(recipe, backbone, len(class_names(recipe.data.train)))
+    classes, mean, std = len(class_names(recipe.data.train)), recipe.data.mean, recipe.data.std
+    objective = objectives.build(
+        recipe.objective, backbone, num_classes=classes, pixel_mean=mean, pixel_std=std
+    )
     try:
         objective.load_state_dict(load_file(str(ckpt / CKPT_MODEL_FILE)))
     except (RuntimeError, OSError) as err:

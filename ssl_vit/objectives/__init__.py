@@ -1,15 +1,15 @@
-"""Registry of objectives: `register` a class under a name, `get` it, `build` it from a recipe."""
+"""Registry of objectives: `register` a class under a name, `get` it, `build` it from a recipe section."""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import validate_section
 from ssl_vit.errors import RecipeError
-from ssl_vit.objectives.base import Objective
+from ssl_vit.objectives.base import Objective, Reconstructor
 
 _REGISTRY: dict[str, type[Objective]] = {}
 _BUILTIN = ("supervised", "mpp", "mae", "simclr", "mocov3", "dino")
@@ -46,32 +46,29 @@ def get(name: str) -> type[Objective]:
     return _REGISTRY[name]
 
 
-def build(section: dict[str, Any], backbone: Backbone, **context: Any) -> Objective:
-    """Build from the recipe's `objective` section: `name` plus the objective's own options.
+def build(
+    section: dict[str, Any],
+    backbone: Backbone,
+    *,
+    num_classes: int | None = None,
+    pixel_mean: Sequence[float] | None = None,
+    pixel_std: Sequence[float] | None = None,
+) -> Objective:
+    """Build from the recipe's `objective` section (`name` plus the objective's own options).
 
-    `context` fills options the recipe may leave unset (e.g. `num_classes` from the data).
+    The keywords are the data facts an objective may need and the section may leave unset: the class
+    count (supervised; the caller reads it from the data) and the input normalisation (MPP's colour
+    targets are in un-normalised pixels). Each fills the option of that name where the objective's
+    `Config` has one; the others are ignored, so callers pass what they know to every objective.
     """
     options = {k: v for k, v in section.items() if k != "name"}
     cls = get(str(section["name"]))
-    config_cls = getattr(cls, "Config")  # noqa: B009 - every objective declares one
-    for key, value in context.items():
-        if key in {f for f in config_cls.__dataclass_fields__} and options.get(key) is None:
+    facts = {"num_classes": num_classes, "pixel_mean": pixel_mean, "pixel_std": pixel_std}
+    for key, value in facts.items():
+        if value is not None and key in cls.Config.__dataclass_fields__ and options.get(key) is None:
             options[key] = value
-    cfg = validate_section(config_cls, options, "objective")
+    cfg = validate_section(cls.Config, options, "objective")
     return cls(backbone, cfg)  # type: ignore[call-arg]
 
 
-def from_recipe(recipe: Any, backbone: Backbone, num_classes: int) -> Objective:
-    """The recipe's objective, with what it may need from the data filled in: the class count
-    (supervised; the caller reads it from the data) and the input normalisation (MPP's colour
-    targets are in un-normalised pixels)."""
-    return build(
-        recipe.objective,
-        backbone,
-        num_classes=num_classes,
-        pixel_mean=recipe.data.mean,
-        pixel_std=recipe.data.std,
-    )
-
-
-__all__ = ["Objective", "build", "from_recipe", "get", "names", "register"]
+__all__ = ["Objective", "Reconstructor", "build", "get", "names", "register"]

@@ -132,6 +132,9 @@ class DINO(Objective):
     """
 
     Config = DINOConfig
+    # The paper evaluates the teacher ("the teacher has better performance than the student", sec. 3.1;
+    # `eval_linear.py --checkpoint_key teacher`), so an export writes the teacher.
+    export_weights = "teacher"
     center: Tensor  # buffer (1, K)
 
     def __init__(self, backbone: Backbone, cfg: DINOConfig) -> None:

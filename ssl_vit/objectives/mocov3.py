@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +56,8 @@ class MoCoV3(Objective):
     """
 
     Config = MoCoV3Config
+    # The official `main_lincls.py` evaluates the base (online) encoder, not the momentum one.
+    export_weights = "student"
     view_spec: ClassVar[ViewSpec] = ViewSpec(kind="contrastive", global_views=2, global_scale=(0.08, 1.0))
 
     def __init__(self, backbone: Backbone, cfg: MoCoV3Config) -> None:
@@ -65,21 +66,11 @@ class MoCoV3(Objective):
             raise RecipeError("objective.temperature must be positive and objective.momentum in [0, 1]")
         self.cfg = cfg
         if cfg.freeze_patch_proj:
-            self._freeze_patch_projection()
+            backbone.freeze_patch_embed(reinit=True)
         self.projector = mlp(backbone.embed_dim, cfg.mlp_dim, cfg.dim, 3, last_norm=True, bias=False)
         self.predictor = mlp(cfg.dim, cfg.mlp_dim, cfg.dim, 2, last_norm=True, bias=False)
         self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
-
-    def _freeze_patch_projection(self) -> None:
-        """MoCo v3's `vits.py`: xavier-uniform over the patch's fan-in, then no gradient."""
-        proj = self.backbone.vit.patch_embed.proj
-        fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
-        bound = math.sqrt(6.0 / (fan_in + proj.out_channels))
-        nn.init.uniform_(proj.weight, -bound, bound)
-        if proj.bias is not None:
-            nn.init.zeros_(proj.bias)
-        proj.requires_grad_(False)
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)]
