@@ -395,7 +395,7 @@ def _add_shards(sub: Any) -> None:
     p = sub.add_parser(
         "shards",
         help="write WebDataset shards from a built-in set, an image folder or a CSV",
-        description="Write DIR/train-%%06d.tar (and val-/test-) plus DIR/manifest.json.",
+        description="Write DIR/train-%06d.tar (and val-/test-) plus DIR/manifest.json.",
     )
     p.add_argument(
         "src", help="digits, shapes[:TRAIN:TEST], an ImageFolder dir, or a CSV/TSV of path[,label]"
@@ -456,14 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; `key=value` overrides may come before, between or after options
     (argparse alone stops collecting a positional list at the first option)."""
+    words = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        misplaced = [w for w in extra if "=" in w and not w.startswith("-")]
-        if hasattr(args, "overrides") and len(misplaced) == len(extra):
-            args.overrides = [*args.overrides, *misplaced]
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args, extra = parser.parse_known_args(words)
+    misplaced = [w for w in extra if "=" in w and not w.startswith("-")]
+    if len(misplaced) != len(extra) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(args, "overrides"):
+        found = set(args.overrides) | set(misplaced)
+        for name, value in vars(args).items():  # `--objectives mae a.b=1`: the list option took it
+            if name != "overrides" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                found |= {v for v in value if "=" in v}
+                setattr(args, name, [v for v in value if "=" not in v])
+        args.overrides = [w for w in words if w in found]  # command-line order: the last one wins
     return args
 
 

@@ -88,6 +88,8 @@ def test_export_writes_a_timm_folder_and_refuses_unknown_formats(run: Path, tmp_
         ["pretrain", "--resume", "r", "a.b=1", "c.d=2", "e.f=3"],
         ["demo", "a.b=1", "--jobs", "2", "c.d=2", "--quiet", "e.f=3"],
         ["demo", "--objectives", "mae", "simclr", "--out", "r", "a.b=1", "c.d=2", "e.f=3"],
+        ["demo", "--objectives", "mae", "simclr", "a.b=1", "c.d=2", "--quiet", "e.f=3"],
+        ["demo", "a.b=1", "--objectives", "mae", "simclr", "c.d=2", "e.f=3"],
     ],
 )
 def test_overrides_and_options_in_any_order(argv: list[str]) -> None:
