@@ -23,6 +23,8 @@ from ssl_vit.errors import CheckpointError, RecipeError
 from ssl_vit.rundir import RunDir
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ssl_vit.config import Recipe
     from ssl_vit.eval.compare import Protocol
     from ssl_vit.eval.features import EvalModel
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ssl_vit")
 
 PathLike = str | Path
+Split = tuple["np.ndarray", "np.ndarray"]  # features (N, D) and labels (N,) of one split
 RUN_LENGTH_KEYS = ("train.epochs", "train.max_steps")  # with eval.*, the only keys a resume may change
 
 
@@ -305,7 +308,7 @@ def _cache(cache: bool, cache_dir: PathLike | None) -> Path | None:
 
 def _features(
     path: PathLike, data: str | None, feature: str | None, cache_dir: Path | None
-) -> tuple[EvalModel, Any, Any, str]:
+) -> tuple[EvalModel, Split, Split, str]:
     """The model, its train and test features, and the feature kind (default: the recipe's)."""
     from ssl_vit.eval.features import load_eval_model, split_features
 

@@ -14,11 +14,12 @@ from typing import Any
 from ssl_vit import __version__, api
 
 log = logging.getLogger("ssl_vit")
+Subparsers = argparse._SubParsersAction  # what `add_subparsers` returns (typeshed's own name for it)
 
 
 # ---------------------------------------------------------------- commands
 # Each command is a parser builder plus a runner; `COMMANDS` lists them in the order of `--help`.
-def _add_pretrain(sub: Any) -> None:
+def _add_pretrain(sub: Subparsers) -> None:
     p = sub.add_parser(
         "pretrain",
         help="pretrain a backbone from a recipe",
@@ -55,7 +56,7 @@ def _run_pretrain(args: argparse.Namespace) -> None:
         raise SystemExit(128 + stop.signum) from None
 
 
-def _add_eval_args(p: Any) -> None:
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
     from ssl_vit.eval.features import FEATURE_KINDS
 
     p.add_argument("--data", help="data to evaluate on (default: the run's data.train, else digits)")
@@ -85,7 +86,7 @@ def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _add_probe(sub: Any) -> None:
+def _add_probe(sub: Subparsers) -> None:
     p = sub.add_parser(
         "probe",
         help="linear-probe a backbone",
@@ -119,7 +120,7 @@ def _run_probe(args: argparse.Namespace) -> None:
         )
 
 
-def _add_knn(sub: Any) -> None:
+def _add_knn(sub: Subparsers) -> None:
     p = sub.add_parser(
         "knn",
         help="k-NN accuracy of a backbone",
@@ -155,7 +156,7 @@ FINETUNE_OPTIONS: list[tuple[str, type]] = [
 ]
 
 
-def _add_finetune(sub: Any) -> None:
+def _add_finetune(sub: Subparsers) -> None:
     from ssl_vit.eval.finetune import LOWSHOT_DEFAULTS, FinetuneConfig
 
     d = FinetuneConfig()
@@ -221,7 +222,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
         )
 
 
-def _add_compare(sub: Any) -> None:
+def _add_compare(sub: Subparsers) -> None:
     from ssl_vit.eval.finetune import LOWSHOT_DEFAULTS, FinetuneConfig
 
     p = sub.add_parser(
@@ -284,7 +285,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         print(f"figures: {args.out / 'figures'}")
 
 
-def _add_export(sub: Any) -> None:
+def _add_export(sub: Subparsers) -> None:
     p = sub.add_parser(
         "export",
         help="export a run's backbone: a timm folder with a model card, or ONNX",
@@ -312,7 +313,7 @@ def _run_export(args: argparse.Namespace) -> None:
     print(f"exported -> {api.export(args.run_dir, args.out, args.weights, args.format, args.license)}")
 
 
-def _add_demo(sub: Any) -> None:
+def _add_demo(sub: Subparsers) -> None:
     from ssl_vit.demo_runs import DEMO_DATA
 
     p = sub.add_parser(
@@ -360,7 +361,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     print(f"demo finished in {time.perf_counter() - start:.0f}s on {available_cores()} cores")
 
 
-def _add_show(sub: Any) -> None:
+def _add_show(sub: Subparsers) -> None:
     p = sub.add_parser(
         "show",
         help="draw figures of runs (curves, attention, embedding, reconstructions)",
@@ -391,7 +392,7 @@ def _run_show(args: argparse.Namespace) -> None:
     )
 
 
-def _add_shards(sub: Any) -> None:
+def _add_shards(sub: Subparsers) -> None:
     p = sub.add_parser(
         "shards",
         help="write WebDataset shards from a built-in set, an image folder or a CSV",
@@ -428,7 +429,7 @@ def _run_shards(args: argparse.Namespace) -> None:
     print(f"wrote {splits} -> {args.out} (skipped {manifest['skipped']['count']} unreadable)")
 
 
-COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = {
+COMMANDS: dict[str, tuple[Callable[[Subparsers], None], Callable[[argparse.Namespace], None]]] = {
     "pretrain": (_add_pretrain, _run_pretrain),
     "probe": (_add_probe, _run_probe),
     "knn": (_add_knn, _run_knn),
