@@ -38,7 +38,7 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import CkptConfig, DataConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.data import class_names, collate, train_loader
 from ssl_vit.data.views import MultiView
-from ssl_vit.engine.loop import fit
+from ssl_vit.engine.loop import fit, processes
 from ssl_vit.errors import RecipeError
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
 from ssl_vit.rundir import RunDir
@@ -217,8 +217,16 @@ def finetune(
         loader, steps_per_epoch = shot_loader, len(shot_loader)
         batch_size = shot_loader.batch_size or cfg.batch_size
     else:
+        world = processes(TrainConfig(mixed_precision=cfg.mixed_precision))  # under torchrun: this rank
         stream = train_loader(
-            data, objective.views(), model.img_size, model.in_chans, cfg.batch_size, cfg.seed
+            data,
+            objective.views(),
+            model.img_size,
+            model.in_chans,
+            cfg.batch_size,
+            cfg.seed,
+            rank=world.process_index,
+            world=world.num_processes,
         )
         loader, steps_per_epoch, batch_size = stream, len(stream), cfg.batch_size
     if (cfg.mixup > 0 or cfg.cutmix > 0) and batch_size % 2:

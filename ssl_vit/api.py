@@ -81,7 +81,14 @@ def pretrain(
         pixel_std=r.data.std,
     )
     loader = train_loader(
-        r.data, objective.views(), r.model.img_size, r.model.in_chans, r.train.batch_size, r.seed
+        r.data,
+        objective.views(),
+        r.model.img_size,
+        r.model.in_chans,
+        r.train.batch_size,
+        r.seed,
+        rank=world.process_index,
+        world=world.num_processes,
     )
     monitor_every = online_every(r.eval)  # checked on every process; only the main one measures
     monitor = None
