@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,19 +33,31 @@ from ssl_vit.engine.setup import (
 )
 from ssl_vit.engine.signals import StopRequest, TrainingInterrupted
 from ssl_vit.engine.step import BadStepGuard, StepResult, train_step
-from ssl_vit.engine.stream import BatchStream
+from ssl_vit.engine.stream import BatchStream, Loader
 from ssl_vit.objectives.base import Objective
 from ssl_vit.rundir import RunDir
-from ssl_vit.types import Batch
 
 __all__ = [
+    "FitConfig",
     "FitResult",
+    "Reporting",
     "TrainingInterrupted",
     "ensure_writable",
     "fit",
     "processes",
     "use_cpu",
 ]
+
+
+@dataclass
+class FitConfig:
+    """The recipe's sections the engine reads, as they are, and the run's seed."""
+
+    optim: OptimConfig
+    train: TrainConfig
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 0
 
 
 @dataclass
@@ -60,44 +71,31 @@ class FitResult:
 
 def fit(
     objective: Objective,
-    loader: Iterable[Batch],
-    steps_per_epoch: int,
-    optim: OptimConfig,
-    train: TrainConfig,
-    ckpt: CkptConfig,
-    logcfg: LogConfig,
+    loader: Loader,
+    cfg: FitConfig,
     run_dir: Path,
-    seed: int,
-    progress: bool = True,
     *,
     resume: Path | None = None,
-    data_stats: Callable[[], dict[str, float]] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    monitor: Callable[[], dict[str, float]] | None = None,
-    monitor_every: int = 0,
+    report: Reporting | None = None,
 ) -> FitResult:
     """Train `objective`; write `metrics.jsonl`, `train_state.json` and `checkpoints/` into `run_dir`.
 
-    `steps_per_epoch` is the loader's batches per epoch on this process (a map-style DataLoader is
-    re-sharded by accelerate, and its sharded length wins). `resume` is a checkpoint folder to
-    continue from exactly. `data_stats`, when given, returns counters (e.g. skipped corrupt
-    samples) logged with each metrics record. `optimizer`, when given, replaces AdamW over
-    `param_groups` (fine-tuning passes timm's layer-decay groups); a group's `lr_scale` multiplies
-    the scheduled lr either way. `monitor`, when given (the caller passes it to the main process
-    only), measures the current weights (e.g. online k-NN and RankMe) every `monitor_every` steps and
-    at the last; its values join that step's metrics record, which is written even off the
-    `log.every_steps` grid (every process gets the same `monitor_every`, so all of them take part in
-    the record's all-reduce; the others wait there while the main process measures). Its time is in
-    the run's seconds, not in `images_per_sec`. Raises `TrainingError` after `train.max_bad_steps`
-    non-finite steps in a row and `TrainingInterrupted` after SIGTERM/SIGINT (checkpoint written).
+    `len(loader)` is its batches per epoch on this process (a map-style DataLoader is re-sharded by
+    accelerate, and its sharded length wins). `resume` is a checkpoint folder to continue from
+    exactly. `optimizer`, when given, replaces AdamW over `param_groups` (fine-tuning passes timm's
+    layer-decay groups); a group's `lr_scale` multiplies the scheduled lr either way. `report` adds
+    counters, an online monitor and the progress bar (`Reporting`). Raises `TrainingError` after
+    `train.max_bad_steps` non-finite steps in a row and `TrainingInterrupted` after SIGTERM/SIGINT
+    (checkpoint written).
     """
-    report = Reporting(progress, data_stats, monitor, monitor_every)
-    check_config(optim, train, ckpt, logcfg)
-    accelerator = make_accelerator(train, optim, logcfg, run_dir, seed)
+    optim, train = cfg.optim, cfg.train
+    check_config(optim, train, cfg.ckpt, cfg.log)
+    accelerator = make_accelerator(train, optim, cfg.log, run_dir, cfg.seed)
     if accelerator.is_main_process:
         ensure_writable(run_dir)
-    set_seed(seed, device_specific=True)  # each process its own augmentation/masking draws
-    stream = BatchStream(accelerator, loader, steps_per_epoch, seed)
+    set_seed(cfg.seed, device_specific=True)  # each process its own augmentation/masking draws
+    stream = BatchStream(accelerator, loader, len(loader), cfg.seed)
     plan = make_plan(accelerator, stream, optim, train)
     if optimizer is None:  # a caller's own keeps its groups (fine-tuning: timm's layer-decay factory)
         optimizer = make_optimizer(objective, optim, plan.lr)
@@ -105,10 +103,10 @@ def fit(
     inner: Objective = accelerator.unwrap_model(model)
     teacher = Teacher(inner)
     run = RunDir(run_dir)
-    saver = CheckpointPolicy(accelerator, model, optimizer, run, plan, ckpt)
+    saver = CheckpointPolicy(accelerator, model, optimizer, run, plan, cfg.ckpt)
     state = saver.start(resume)
     stream.seek(state.epoch, state.batch_in_epoch)  # where the checkpoint left the data
-    reporter = Reporter(accelerator, run, logcfg, plan.total_steps, state, report)
+    reporter = Reporter(accelerator, run, cfg.log, plan.total_steps, state, report or Reporting())
     guard = BadStepGuard(train.max_bad_steps, warn=accelerator.is_main_process)
     result: StepResult | None = None
     lap = time.perf_counter()
