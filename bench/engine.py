@@ -28,7 +28,7 @@ from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import load_recipe
 from ssl_vit.data import class_names, train_loader
-from ssl_vit.engine.loop import fit
+from ssl_vit.engine.loop import FitConfig, Reporting, fit
 from ssl_vit.optim import cosine_schedule, param_groups
 from ssl_vit.rundir import RunDir
 from ssl_vit.types import Batch
@@ -118,10 +118,8 @@ def engine_loop(recipe: Any, objective: Any, batches: list[Batch], steps: int, w
     recipe.log.every_steps, recipe.ckpt.every_steps, recipe.train.max_steps = window, None, steps
     with tempfile.TemporaryDirectory() as run_dir:
         loader = Repeat(batches, per_epoch=steps)
-        fit(
-            objective, loader, len(loader), recipe.optim, recipe.train, recipe.ckpt, recipe.log,
-            Path(run_dir), recipe.seed, progress=False,
-        )  # fmt: skip
+        cfg = FitConfig(recipe.optim, recipe.train, recipe.ckpt, recipe.log, recipe.seed)
+        fit(objective, loader, cfg, Path(run_dir), report=Reporting(progress=False))
         records = RunDir(Path(run_dir)).metrics()
     return [record["images_per_sec"] / recipe.train.batch_size for record in records]
 

@@ -19,7 +19,6 @@ one set), held in memory and augmented like the full stream; top-1 on the whole 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,8 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import CkptConfig, DataConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.data import class_names, collate, train_loader
 from ssl_vit.data.views import MultiView
-from ssl_vit.engine.loop import fit
+from ssl_vit.engine.loop import FitConfig, Reporting, fit, processes
+from ssl_vit.engine.stream import Loader
 from ssl_vit.errors import RecipeError
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
 from ssl_vit.rundir import RunDir
@@ -211,16 +211,24 @@ def finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         objective = FineTune(backbone, len(class_names(model.data)), cfg)
-    loader: Iterable[Batch]
+    loader: Loader
     if cfg.shots > 0:
         shot_loader = lowshot_loader(model, data, objective.views(), cfg.shots, cfg.batch_size, cfg.seed)
-        loader, steps_per_epoch = shot_loader, len(shot_loader)
+        loader = shot_loader
         batch_size = shot_loader.batch_size or cfg.batch_size
     else:
+        world = processes(TrainConfig(mixed_precision=cfg.mixed_precision))  # under torchrun: this rank
         stream = train_loader(
-            data, objective.views(), model.img_size, model.in_chans, cfg.batch_size, cfg.seed
+            data,
+            objective.views(),
+            model.img_size,
+            model.in_chans,
+            cfg.batch_size,
+            cfg.seed,
+            rank=world.process_index,
+            world=world.num_processes,
         )
-        loader, steps_per_epoch, batch_size = stream, len(stream), cfg.batch_size
+        loader, batch_size = stream, cfg.batch_size
     if (cfg.mixup > 0 or cfg.cutmix > 0) and batch_size % 2:
         raise RecipeError(f"Mixup/CutMix need an even fine-tune batch size, got {batch_size}")
     optim = OptimConfig(
@@ -236,19 +244,16 @@ def finetune(
     if not resume:
         RunDir(out_dir).clear_engine_files()
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_cfg = CkptConfig(every_steps=cfg.ckpt_every_steps, keep_last=1)
+    fit_cfg = FitConfig(optim, train, ckpt_cfg, LogConfig(every_steps=max(cfg.steps // 20, 1)), cfg.seed)
     result = fit(
         objective,
         loader,
-        steps_per_epoch,
-        optim,
-        train,
-        CkptConfig(every_steps=cfg.ckpt_every_steps, keep_last=1),
-        LogConfig(every_steps=max(cfg.steps // 20, 1)),
+        fit_cfg,
         out_dir,
-        cfg.seed,
-        progress=progress,
         resume=ckpt,
         optimizer=build_optimizer(objective, cfg),
+        report=Reporting(progress=progress),
     )
     top1 = evaluate(objective, model)
     return {

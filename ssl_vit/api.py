@@ -63,7 +63,7 @@ def pretrain(
     from ssl_vit import data, objectives
     from ssl_vit.config import save_recipe
     from ssl_vit.data import class_names, train_loader
-    from ssl_vit.engine.loop import ensure_writable, fit, processes
+    from ssl_vit.engine.loop import FitConfig, Reporting, ensure_writable, fit, processes
     from ssl_vit.eval.monitor import online_every, online_monitor
     from ssl_vit.model_card import write_model_card
     from ssl_vit.pretrained import backbone_from_config
@@ -84,7 +84,14 @@ def pretrain(
         pixel_std=r.data.std,
     )
     loader = train_loader(
-        r.data, objective.views(), r.model.img_size, r.model.in_chans, r.train.batch_size, r.seed
+        r.data,
+        objective.views(),
+        r.model.img_size,
+        r.model.in_chans,
+        r.train.batch_size,
+        r.seed,
+        rank=world.process_index,
+        world=world.num_processes,
     )
     monitor_every = online_every(r.eval)  # checked on every process; only the main one measures
     monitor = None
@@ -112,22 +119,14 @@ def pretrain(
         what = f"resuming from {ckpt.name}" if ckpt else f"pretraining '{r.objective['name']}'"
         log.info("%s (%.2fM backbone params) -> %s", what, n_params, run_dir)
     skip_counts = getattr(data, "skip_counts", None)  # counters of skipped bad samples, where data has them
-    result = fit(
-        objective,
-        loader,
-        len(loader),
-        r.optim,
-        r.train,
-        r.ckpt,
-        r.log,
-        run_dir,
-        r.seed,
+    report = Reporting(
         progress=not quiet,
-        resume=ckpt,
         data_stats=(lambda: dict(skip_counts())) if callable(skip_counts) else None,
         monitor=monitor,
         monitor_every=monitor_every,
     )
+    cfg = FitConfig(r.optim, r.train, r.ckpt, r.log, r.seed)
+    result = fit(objective, loader, cfg, run_dir, resume=ckpt, report=report)
     if not main:
         return run_dir
     _export_from_objective(objective, run.backbone, r, run_dir, result.seconds, result.images_seen)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_vit.cli import main
-from ssl_vit.config import CkptConfig, LogConfig, OptimConfig, TrainConfig
+from ssl_vit.config import LogConfig, OptimConfig, TrainConfig
 from ssl_vit.engine.stream import BatchStream
 from ssl_vit.types import Batch
 from tests.conftest import REPO, TINY
@@ -208,7 +208,7 @@ def test_ema_teacher_follows_the_scheduled_momentum_and_is_checkpointed(tmp_path
     from ssl_vit.backbone import Backbone
     from ssl_vit.config import DataConfig
     from ssl_vit.data import train_loader
-    from ssl_vit.engine.loop import fit
+    from ssl_vit.engine.loop import FitConfig, Reporting, fit
     from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
     from ssl_vit.optim import cosine_schedule
     from tests.conftest import tiny_model_config
@@ -232,10 +232,8 @@ def test_ema_teacher_follows_the_scheduled_momentum_and_is_checkpointed(tmp_path
         return {}
 
     loader = train_loader(DataConfig(hflip=False), objective.views(), 16, 1, 16, 0)
-    fit(
-        objective, loader, len(loader), OptimConfig(lr=1e-2), TrainConfig(max_steps=4, cpu=True),
-        CkptConfig(), LogConfig(every_steps=1), tmp_path, 0, progress=False, data_stats=snapshot,
-    )  # fmt: skip
+    cfg = FitConfig(OptimConfig(lr=1e-2), TrainConfig(max_steps=4, cpu=True), log=LogConfig(every_steps=1))
+    fit(objective, loader, cfg, tmp_path, report=Reporting(progress=False, data_stats=snapshot))
     for step in range(1, 5):
         m = cosine_schedule(step - 1, 4, 0.5, 1.0)
         online, teacher = snapshots[step]

@@ -23,8 +23,8 @@ from ssl_vit.eval.linear_probe import few_shot_indices
 from timm.layers import DropPath
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import CkptConfig, LogConfig, OptimConfig, TrainConfig
-from ssl_vit.engine.loop import fit
+from ssl_vit.config import OptimConfig, TrainConfig
+from ssl_vit.engine.loop import FitConfig, Reporting, fit
 from ssl_vit.errors import DataError, RecipeError
 from ssl_vit.types import Batch
 from tests.conftest import tiny_model_config
@@ -57,15 +57,12 @@ def test_layer_decay_gives_the_documented_lr_per_block(tmp_path: Path) -> None:
     fit(  # one engine step at the peak lr: each group's lr must be lr x its scale
         objective,
         [batch],
-        1,
-        OptimConfig(lr=LR, min_lr=LR, warmup_steps=0),
-        TrainConfig(batch_size=4, max_steps=1, cpu=True),
-        CkptConfig(),
-        LogConfig(),
+        FitConfig(
+            OptimConfig(lr=LR, min_lr=LR, warmup_steps=0), TrainConfig(batch_size=4, max_steps=1, cpu=True)
+        ),
         tmp_path,
-        0,
-        progress=False,
         optimizer=optimizer,
+        report=Reporting(progress=False),
     )
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}

@@ -120,6 +120,17 @@ def test_same_seed_same_order_other_seed_or_epoch_other_order(uneven: list[str])
         assert first != order(1, 0, resampled) and first != order(0, 1, resampled)
 
 
+def test_train_loader_reads_the_share_of_the_rank_its_caller_names(uneven: list[str]) -> None:
+    cfg = DataConfig(train=uneven[0].replace("000000", "{000000..000007}"), num_workers=0)
+    shares = [
+        train_loader(cfg, ViewSpec(), 8, 1, 1, seed=0, rank=rank, world=2, resampled=False)
+        for rank in range(2)
+    ]
+    assert [len(share) for share in shares] == [24, 24]
+    first, second = (labels_of(share) for share in shares)
+    assert sorted(first + second) == list(range(48))
+
+
 def test_augmentations_in_workers_are_reproducible(uneven: list[str]) -> None:
     cfg = DataConfig(train=uneven[0].replace("000000", "{000000..000007}"), num_workers=2)
     spec = ViewSpec(kind="contrastive", global_views=2)

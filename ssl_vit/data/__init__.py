@@ -92,14 +92,15 @@ def train_loader(
     batch_size: int,
     seed: int,
     *,
-    rank: int | None = None,
-    world: int | None = None,
+    rank: int = 0,
+    world: int = 1,
     resampled: bool | None = None,
 ) -> StreamLoader:
     """Shuffled, augmented batches of `cfg.train` streamed from shards; `len()` = batches per epoch.
 
-    Incomplete batches are dropped. `rank`/`world` default to this process's; pass them to simulate
-    several processes (tests). See `ssl_vit.data.stream` for the exact and resampled modes.
+    Incomplete batches are dropped. This process reads the share of `rank` among `world` processes:
+    the caller says which (under torchrun, from the engine's `processes(...)`); one process by
+    default. See `ssl_vit.data.stream` for the exact and resampled modes.
     """
     shards = resolve(cfg.train, "train", cfg.cache_dir)
     count = shards.count

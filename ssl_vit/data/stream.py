@@ -21,7 +21,6 @@ one-line `DataError` (an exception raised in a worker would reach the user as a 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from typing import Protocol
 import numpy as np
 import torch
 import webdataset as wds
-from accelerate import PartialState
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -57,34 +55,6 @@ Packed = tuple[Batch | None, dict[str, int], dict[str, str]]
 def make_seed(*parts: int) -> int:
     """A well-mixed 32-bit seed from integers (not Python's `hash`, not time, not pid)."""
     return int(np.random.SeedSequence([int(p) % 2**32 for p in parts]).generate_state(1)[0])
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of this process.
-
-    accelerate's `PartialState` where the engine has created it; before that, the variables
-    `accelerate launch` / `torchrun` (or MPI) set. Creating a `PartialState` here would pin the
-    device before the engine's `Accelerator(cpu=...)` and make that one fail.
-    """
-    if PartialState._shared_state:
-        state = PartialState()
-        return state.process_index, state.num_processes
-    for rank_key, world_key in (
-        ("RANK", "WORLD_SIZE"),
-        ("PMI_RANK", "PMI_SIZE"),
-        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-    ):
-        if rank_key in os.environ and world_key in os.environ:
-            return int(os.environ[rank_key]), int(os.environ[world_key])
-    return 0, 1
-
-
-def _device() -> torch.device | None:
-    """The engine's device once accelerate is set up (None on CPU): batches are moved there."""
-    if not PartialState._shared_state:
-        return None
-    device = PartialState().device
-    return device if device.type != "cpu" else None
 
 
 @dataclass
@@ -255,7 +225,7 @@ class StreamLoader:
             num_workers=self.num_workers,
             prefetch_factor=4 if self.num_workers else None,
         )
-        device, batch_size = _device(), self.stream.batch_size
+        batch_size = self.stream.batch_size
         emitted, partial = 0, []
         for item in loader:
             if isinstance(item, Failure):
@@ -270,7 +240,7 @@ class StreamLoader:
                     continue
                 batch, rest = _merge(partial, batch_size)
                 partial = [rest] if rest is not None else []
-            yield batch.to(device) if device is not None else batch
+            yield batch  # on the CPU: the engine moves it to its device
             emitted += 1
             if self.stream.resampled and emitted >= self.batches_per_epoch:
                 return
@@ -297,18 +267,17 @@ def build_loader(
     shuffle_buffer: int = 1000,
     strict: bool = False,
     samples_per_epoch: int | None = None,
-    rank: int | None = None,
-    world: int | None = None,
+    rank: int = 0,
+    world: int = 1,
     resampled: bool | None = None,
 ) -> StreamLoader:
     """A `StreamLoader` over `urls` (`count` samples, or None where unknown).
 
-    `rank`/`world` default to this process's (`dist_info`); `resampled` defaults to True when there
-    are several processes or `samples_per_epoch` is set. Every problem is a one-line `DataError` here,
-    before training starts.
+    `rank` of `world` processes is the caller's (under torchrun, the engine's `processes(...)`), so
+    the data layer never asks accelerate; `resampled` defaults to True when there are several
+    processes or `samples_per_epoch` is set. Every problem is a one-line `DataError` here, before
+    training starts.
     """
-    if rank is None or world is None:
-        rank, world = dist_info()
     if resampled is None:
         resampled = world > 1 or samples_per_epoch is not None
     if batch_size < 1 or num_workers < 0:

@@ -2,17 +2,20 @@
 
 Objectives declare their (online, teacher) pairs through `ema_pairs()` and the momentum through
 `ema_momentum(step, total)` (e.g. `optim.cosine_schedule(step, total, 0.996, 1.0)`, as BYOL, MoCo v3
-and DINO schedule it); the engine calls `ema_update` where a reader of the loop can see it, never
+and DINO schedule it); `fit` calls `Teacher.update` where a reader of the loop can see it, never
 inside `forward`. Teachers must be submodules of the objective, so that they are in its state dict
 and therefore in every checkpoint.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ssl_vit.errors import TrainingError
+from ssl_vit.objectives.base import Objective
 
 Pairs = list[tuple[nn.Module, nn.Module]]
 
@@ -53,3 +56,25 @@ def ema_update(pairs: Pairs, momentum: float) -> None:
             t_buf.copy_(online_buffers[name])
     if teachers:
         torch._foreach_lerp_(teachers, onlines, 1.0 - momentum)
+
+
+class Teacher:
+    """The objective's EMA teacher, stepped after each applied update (a no-op without one).
+
+    `after_optimizer_step()` runs here too, teacher or not: it belongs right after the weights change,
+    and a skipped (non-finite) step changes nothing, so neither runs then.
+    """
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective, self.pairs = objective, objective.ema_pairs()
+        check_pairs(objective, self.pairs)
+
+    def update(self, applied: bool, step: int, total_steps: int) -> float:
+        """After update `step`: the momentum used, NaN when none was (no teacher, or update skipped)."""
+        momentum = math.nan
+        if applied:
+            if self.pairs:
+                momentum = self.objective.ema_momentum(step, total_steps)
+                ema_update(self.pairs, momentum)
+            self.objective.after_optimizer_step()
+        return momentum

@@ -12,6 +12,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from ssl_vit.config import LogConfig
 from ssl_vit.engine.state import TrainState
 from ssl_vit.engine.step import StepResult
 from ssl_vit.errors import CheckpointError
+from ssl_vit.rundir import RunDir
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -124,3 +127,82 @@ def monitor_record(monitor: Callable[[], dict[str, float]]) -> dict[str, float]:
     measures = dict(monitor())
     measures["monitor_seconds"] = time.perf_counter() - start
     return measures
+
+
+@dataclass
+class Reporting:
+    """What a run reports besides its own numbers, and whether it draws a progress bar.
+
+    `data_stats` returns counters (e.g. skipped corrupt samples), logged as `data_<name>`. `monitor`,
+    given to the main process only, measures the current weights (e.g. online k-NN and RankMe) every
+    `monitor_every` steps and at the last; every process gets the same `monitor_every`, so all of them
+    write that record (off the `log.every_steps` grid too) and join its all-reduce, the others
+    waiting there while the main process measures. Its time is in the run's seconds, not in
+    `images_per_sec`.
+    """
+
+    progress: bool = True
+    data_stats: Callable[[], dict[str, float]] | None = None
+    monitor: Callable[[], dict[str, float]] | None = None
+    monitor_every: int = 0
+
+
+class Reporter:
+    """After each step: the progress bar; every `log.every_steps`, at the last step and at monitor
+    steps, a record to `metrics.jsonl` and TensorBoard. `images_per_sec` is over the steps since the
+    previous record."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        run: RunDir,
+        cfg: LogConfig,
+        total_steps: int,
+        state: TrainState,
+        reporting: Reporting,
+    ) -> None:
+        self.accelerator, self.cfg, self.reporting = accelerator, cfg, reporting
+        self.total_steps = total_steps
+        self.metrics = MetricsWriter(run.metrics_file, accelerator.is_main_process)
+        self.metrics.truncate_after(state.step)
+        if cfg.tensorboard:
+            accelerator.init_trackers("tensorboard")
+        self.bar = progress_bar(total_steps, state.step, reporting.progress and accelerator.is_main_process)
+        self.tick, self.images_at_tick = time.perf_counter(), state.images_seen
+
+    def step(self, result: StepResult, state: TrainState, schedules: tuple[float, float, float]) -> None:
+        """Every process calls this after each step (a record is all-reduced); see `metrics_record`."""
+        self.bar.update(1)
+        every, last = self.reporting.monitor_every, state.step == self.total_steps
+        measure = every > 0 and (state.step % every == 0 or last)
+        if not (state.step % self.cfg.every_steps == 0 or last or measure):
+            return
+        now = time.perf_counter()
+        rate = (state.images_seen - self.images_at_tick) / max(now - self.tick, 1e-9)
+        record = metrics_record(self.accelerator, result, state, schedules, rate)
+        if self.reporting.data_stats is not None:
+            record.update({f"data_{k}": v for k, v in self.reporting.data_stats().items()})
+        if measure and self.reporting.monitor is not None:
+            record.update(monitor_record(self.reporting.monitor))
+            now = time.perf_counter()  # measuring is not training throughput
+        self.metrics.write(record)
+        if self.cfg.tensorboard:
+            self.accelerator.log(record, step=state.step)
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.4f}", lr=f"{schedules[0]:.2e}", img_s=f"{record['images_per_sec']:.0f}"
+        )
+        self.tick, self.images_at_tick = now, state.images_seen
+
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the progress bar (before a save or an error message that should not share its line)."""
+        self.bar.close()
+
+    def end(self) -> None:
+        if self.cfg.tensorboard:
+            self.accelerator.end_training()

@@ -16,7 +16,8 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from ssl_vit.config import CkptConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.engine.stream import BatchStream
 from ssl_vit.errors import CheckpointError, RecipeError
-from ssl_vit.optim import scaled_lr
+from ssl_vit.objectives.base import Objective
+from ssl_vit.optim import adamw, cosine_schedule, param_groups, scaled_lr
 
 
 @dataclass
@@ -116,6 +117,20 @@ def make_plan(accelerator: Accelerator, stream: BatchStream, optim: OptimConfig,
         device=str(accelerator.device),
         distributed_type=str(accelerator.distributed_type.value),
     )
+
+
+def make_optimizer(objective: Objective, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`: no weight decay where the objective says, optional layer decay."""
+    groups = param_groups(objective, optim.weight_decay, objective.no_weight_decay(), optim.layer_decay)
+    return adamw(groups, lr, (optim.betas[0], optim.betas[1]))
+
+
+def schedules(plan: Plan, optim: OptimConfig, step: int) -> tuple[float, float]:
+    """(lr, weight decay) for update `step`: pure functions of the step, so checkpoints hold no
+    scheduler. The lr warms up linearly, then both follow a cosine."""
+    wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
+    lr = cosine_schedule(step, plan.total_steps, plan.lr, plan.min_lr, plan.warmup_steps)
+    return lr, cosine_schedule(step, plan.total_steps, optim.weight_decay, wd_end)
 
 
 def ensure_writable(run_dir: Path) -> None:

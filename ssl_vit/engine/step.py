@@ -4,22 +4,30 @@ Gradient accumulation is accelerate's: inside `accelerator.accumulate` the loss 
 number of micro-batches and DDP skips the gradient all-reduce until the last one. The update is
 skipped, on every process alike, when a loss or the gradient norm is not finite: gradients are
 all-reduced before the check, and the loss flags are all-reduced with the stop request, so all
-processes take the same decision from one small collective per step.
+processes take the same decision from one small collective per step. `BadStepGuard` counts those
+skipped steps and stops a run that keeps having them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
+from ssl_vit.config import OptimConfig
+from ssl_vit.engine.state import TrainState
+from ssl_vit.errors import TrainingError
 from ssl_vit.objectives.base import Objective
 from ssl_vit.types import Batch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,13 +67,14 @@ def train_step(
     inner: Objective,
     optimizer: torch.optim.Optimizer,
     batches: Iterator[Batch],
-    accum_steps: int,
+    optim: OptimConfig,
     progress: tuple[int, int, int],
     hyper: tuple[float, float],
-    clip: float | None,
     stop_requested: bool,
 ) -> StepResult:
-    """Accumulate `accum_steps` micro-batches, then update with `hyper = (lr, weight_decay)`."""
+    """Accumulate `optim.accum_steps` micro-batches, then update with `hyper = (lr, weight_decay)`,
+    clipping the gradient norm to `optim.clip_grad` when set."""
+    accum_steps = optim.accum_steps
     losses: list[Tensor] = []
     sums: dict[str, Tensor] = {}
     images = 0
@@ -79,7 +88,7 @@ def train_step(
         images += len(batch)
     assert accelerator.sync_gradients, "accumulation window out of step with accelerate's counter"
     inner.after_backward()
-    norm = grad_norm(accelerator, model, clip)
+    norm = grad_norm(accelerator, model, optim.clip_grad)
     loss = torch.stack(losses).mean()
     flags = torch.stack(
         [
@@ -104,3 +113,38 @@ def train_step(
         applied = not getattr(optimizer, "step_was_skipped", False)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, sums, float(norm), applied, non_finite, stop, images)
+
+
+class BadStepGuard:
+    """Counts non-finite steps (`train_step` skipped their update) and stops a run that keeps having them.
+
+    The counters live in `TrainState`, so they survive a resume. No checkpoint is written during a
+    streak (`CheckpointPolicy`), so stopping loses nothing already saved: the last checkpoint holds
+    finite weights.
+    """
+
+    def __init__(self, max_in_a_row: int, warn: bool) -> None:
+        self.max_in_a_row, self.warn = max_in_a_row, warn  # warn: on the main process only
+
+    def count(self, result: StepResult, state: TrainState) -> None:
+        """After `state.step` has moved on: update the streak and the total; warn on a bad step."""
+        state.bad_in_a_row = state.bad_in_a_row + 1 if result.non_finite else 0
+        state.skipped_steps += int(result.non_finite)
+        if result.non_finite and self.warn:
+            log.warning(
+                "step %d: non-finite loss or gradient (loss %.4g, grad norm %.4g); update skipped "
+                "(%d in a row)",
+                state.step,
+                float(result.loss),
+                result.grad_norm,
+                state.bad_in_a_row,
+            )
+
+    def check(self, state: TrainState, last_saved: Path | None) -> None:
+        """Raise a one-line `TrainingError` once `max_in_a_row` bad steps came in a row."""
+        if state.bad_in_a_row >= self.max_in_a_row:
+            good = f"; last good checkpoint {last_saved}" if last_saved else ""
+            raise TrainingError(
+                f"loss or gradient non-finite for {state.bad_in_a_row} steps in a row at step "
+                f"{state.step}{good}; lower optim.lr or set optim.clip_grad"
+            )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +34,14 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ssl_vit.errors import DataError
 from ssl_vit.types import Batch
+
+
+class Loader(Protocol):
+    """What `fit` trains on: batches, and `len()` = batches per epoch on this process."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
 
 
 @contextmanager
