@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.errors import CheckpointError
 from ssl_vit.timm_export import backbone_state, export_backbone, load_backbone
-from tests.conftest import tiny_model_config
+from tests.conftest import make_run, run_backbone, tiny_model_config
 
 PLAIN_TIMM = """
 import sys, json, numpy as np, timm, torch
@@ -61,45 +60,6 @@ def test_load_backbone_round_trip(tiny_backbone: Backbone, tmp_path: Path) -> No
 
 
 # ------------------------------------------------------------ run directories, cards, student/teacher
-def make_run(run_dir: Path, teacher: bool = False, evals: bool = True) -> Path:
-    """A run directory as `pretrain` leaves it, without training: recipe, one checkpoint, summary, evals.
-
-    With `teacher`, the checkpoint also holds `teacher_backbone.vit.*` (the EMA-teacher convention)
-    with weights other than the student's.
-    """
-    from ssl_vit import objectives
-    from ssl_vit.config import load_recipe, save_recipe
-    from ssl_vit.engine.checkpoint import write_checkpoint
-    from tests.conftest import TINY
-
-    recipe = load_recipe("digits/supervised", TINY)
-    torch.manual_seed(0)
-    objective = objectives.build(recipe.objective, Backbone.from_config(recipe.model), num_classes=10)
-    if teacher:
-        torch.manual_seed(1)
-        objective.teacher_backbone = Backbone.from_config(recipe.model)
-    run_dir.mkdir(parents=True)
-    save_recipe(recipe, run_dir / "recipe.yaml")
-    write_checkpoint(run_dir / "checkpoints", 7, objective.state_dict(), {}, {"epoch": 1})
-    summary = {"objective": "supervised", "steps": 7, "images_seen": 224, "pretrain_seconds": 3725.0}
-    (run_dir / "summary.json").write_text(json.dumps({**summary, "final_loss": 1.25}))
-    if evals:
-        (run_dir / "eval").mkdir()
-        (run_dir / "eval" / "linear_probe.json").write_text(json.dumps({"top1": 0.8765, "n_test": 540}))
-        knn = {"k": {"10": {"top1": 0.6543}, "20": {"top1": 0.5432}}, "draws": [0.25, 0.5]}
-        (run_dir / "eval" / "knn.json").write_text(json.dumps(knn))
-    return run_dir
-
-
-def run_backbone(run_dir: Path, weights: str = "student") -> Backbone:
-    """The run's student or teacher, read from its checkpoint independently of `ssl-vit export`."""
-    state = load_file(str(next((run_dir / "checkpoints").iterdir()) / "model.safetensors"))
-    prefix = {"student": "backbone.vit.", "teacher": "teacher_backbone.vit."}[weights]
-    backbone = Backbone.from_config(tiny_model_config()).eval()
-    backbone.vit.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return backbone
-
-
 def _features(folder: Path, x: torch.Tensor) -> torch.Tensor:
     backbone, _ = load_backbone(folder)
     with torch.no_grad():

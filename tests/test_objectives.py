@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from ssl_vit.timm_export import export_backbone
 
 from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
@@ -16,6 +15,7 @@ from ssl_vit.data.views import MultiView
 from ssl_vit.engine.ema import ema_update
 from ssl_vit.errors import CheckpointError
 from ssl_vit.objectives.base import Objective, Reconstructor
+from ssl_vit.timm_export import export_backbone
 from ssl_vit.types import Batch
 from tests.conftest import tiny_model_config
 

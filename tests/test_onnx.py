@@ -12,8 +12,7 @@ import torch
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.onnx_export import MissingExtraError, export_onnx, require_onnx
-from tests.conftest import tiny_model_config
-from tests.test_export import make_run, run_backbone
+from tests.conftest import make_run, run_backbone, tiny_model_config
 
 
 def test_cli_onnx_round_trip_with_a_dynamic_batch(tmp_path: Path) -> None:
