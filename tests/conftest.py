@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import ModelConfig, load_recipe, save_recipe
 from ssl_vit.engine.checkpoint import write_checkpoint
+from ssl_vit.objectives import Objective
 
 REPO = Path(__file__).resolve().parent.parent
 # Built-in sets are written to shards once; keep the tests' copy out of the user's cache.
@@ -52,6 +55,23 @@ def tiny_backbone() -> Backbone:
 @pytest.fixture(autouse=True)
 def _single_thread_determinism() -> None:
     torch.manual_seed(0)
+
+
+@contextmanager
+def registered_objective(name: str, cls: type[Objective]) -> Iterator[None]:
+    """`cls` is the objective `name` inside the block, in place of any class of that name.
+
+    Afterwards the registry is as before (the replaced class back, a new name gone), so that
+    `objectives.names()` in later tests, e.g. the demo's list of objectives, sees the real set.
+    """
+    previous = objectives.unregister(name) if name in objectives.names() else None
+    objectives.register(name)(cls)
+    try:
+        yield
+    finally:
+        objectives.unregister(name)
+        if previous is not None:
+            objectives.register(name)(previous)
 
 
 # ---------------------------------------------------------------- synthetic features

@@ -12,7 +12,7 @@ import torch
 from ssl_vit.backbone import Backbone
 from ssl_vit.errors import CheckpointError
 from ssl_vit.timm_export import backbone_state, export_backbone, load_backbone
-from tests.conftest import make_run, run_backbone, tiny_model_config
+from tests.conftest import make_run, registered_objective, run_backbone, tiny_model_config
 
 PLAIN_TIMM = """
 import sys, json, numpy as np, timm, torch
@@ -123,11 +123,8 @@ def test_backbone_state_picks_student_or_teacher_by_prefix(teacher_at: str) -> N
         backbone_state(student, "teacher")
 
 
-def test_export_weights_student_teacher_and_objective_default(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_export_weights_student_teacher_and_objective_default(tmp_path: Path) -> None:
     from ssl_vit.api import export
-    from ssl_vit.objectives import _REGISTRY
     from ssl_vit.objectives.supervised import Supervised
 
     run = make_run(tmp_path / "run", teacher=True)
@@ -147,7 +144,7 @@ def test_export_weights_student_teacher_and_objective_default(
     class WithTeacher(Supervised):  # what DINO declares: its paper evaluates the EMA teacher
         export_weights = "teacher"
 
-    monkeypatch.setitem(_REGISTRY, "supervised", WithTeacher)
-    folder = export(run, tmp_path / "dino_like")
+    with registered_objective("supervised", WithTeacher):
+        folder = export(run, tmp_path / "dino_like")
     torch.testing.assert_close(_features(folder, x), ref["teacher"], rtol=0, atol=1e-6)
     assert json.loads((folder / "config.json").read_text())["ssl_vit"]["weights"] == "teacher"

@@ -18,7 +18,6 @@ import yaml
 from einops import rearrange
 from torch import Tensor, nn
 
-from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main
 from ssl_vit.config import RECIPES_DIR
@@ -39,7 +38,7 @@ from ssl_vit.figures.source import open_source, pick_images
 from ssl_vit.objectives.base import Objective
 from ssl_vit.rundir import read_metrics
 from ssl_vit.types import Batch, ViewSpec
-from tests.conftest import TINY
+from tests.conftest import TINY, registered_objective
 
 
 @dataclass
@@ -89,17 +88,16 @@ class FakeMasked(Objective):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     """A tiny supervised run and a tiny run of the fake masked objective (registered for this module)."""
-    objectives.register("fake_masked")(FakeMasked)
-    base = tmp_path_factory.mktemp("figure-runs")
-    recipe = yaml.safe_load((RECIPES_DIR / "digits" / "supervised.yaml").read_text())
-    recipe["objective"] = {"name": "fake_masked"}
-    (base / "fake_masked.yaml").write_text(yaml.safe_dump(recipe))
-    out = {"sup": base / "sup", "masked": base / "masked"}
-    steps = [*TINY, "train.max_steps=3", "--quiet"]
-    assert main(["pretrain", "digits/supervised", *steps, "--out", str(out["sup"])]) == 0
-    assert main(["pretrain", str(base / "fake_masked.yaml"), *steps, "--out", str(out["masked"])]) == 0
-    yield out
-    objectives._REGISTRY.pop("fake_masked", None)  # keep other modules' registry parametrisations clean
+    with registered_objective("fake_masked", FakeMasked):  # gone afterwards: other modules list names()
+        base = tmp_path_factory.mktemp("figure-runs")
+        recipe = yaml.safe_load((RECIPES_DIR / "digits" / "supervised.yaml").read_text())
+        recipe["objective"] = {"name": "fake_masked"}
+        (base / "fake_masked.yaml").write_text(yaml.safe_dump(recipe))
+        out = {"sup": base / "sup", "masked": base / "masked"}
+        steps = [*TINY, "train.max_steps=3", "--quiet"]
+        assert main(["pretrain", "digits/supervised", *steps, "--out", str(out["sup"])]) == 0
+        assert main(["pretrain", str(base / "fake_masked.yaml"), *steps, "--out", str(out["masked"])]) == 0
+        yield out
 
 
 def decoded_size(path: Path) -> tuple[int, int]:
