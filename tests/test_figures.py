@@ -22,7 +22,6 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main
 from ssl_vit.config import RECIPES_DIR
 from ssl_vit.figures import show, write_compare_figures
-from ssl_vit.figures._mpl import pixel_size
 from ssl_vit.figures.attention import attention_layout, cls_attention
 from ssl_vit.figures.curves import (
     COLS,
@@ -104,6 +103,12 @@ def decoded_size(path: Path) -> tuple[int, int]:
     return matplotlib.image.imread(path).shape[:2]  # type: ignore[no-any-return]
 
 
+def grid_pixels(rows: int, cols: int, width: float = 1.6, height: float = 1.6) -> tuple[int, int]:
+    """(height, width) in pixels of a saved grid of rows x cols panels, each width x height inches
+    (1.6 by default) at the figures' 100 dpi: fixed, with no tight bounding box to change it."""
+    return round(rows * height * 100), round(cols * width * 100)
+
+
 def test_every_kind_is_written_with_its_size_and_is_deterministic(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -115,10 +120,10 @@ def test_every_kind_is_written_with_its_size_and_is_deterministic(
     assert {"loss", "lr", "images_per_sec", "hidden"} <= set(keys)
     rows, cols = curves_layout(len(keys))
     expected = {
-        "curves.png": pixel_size(rows, COLS, PANEL_W, PANEL_H),
+        "curves.png": grid_pixels(rows, COLS, PANEL_W, PANEL_H),
         "embedding.png": embedding_size(1),
-        "attention.png": pixel_size(*attention_layout(4, 2)),  # input + 2 heads
-        "reconstruction.png": pixel_size(*reconstruction_layout(4)),
+        "attention.png": grid_pixels(*attention_layout(4, 2)),  # input + 2 heads
+        "reconstruction.png": grid_pixels(*reconstruction_layout(4)),
     }
     assert cols == COLS
     for path in first.written:
@@ -263,4 +268,4 @@ def test_online_monitor_panels_follow_throughput_and_their_cost_is_not_drawn(tmp
     assert "knn_top1" not in curve_keys({"run": recs[:4]})  # absent when the run did not measure
     out = draw_curves({"run": recs}, tmp_path / "curves.png")
     rows, _ = curves_layout(len(keys))
-    assert decoded_size(out) == pixel_size(rows, COLS, PANEL_W, PANEL_H)
+    assert decoded_size(out) == grid_pixels(rows, COLS, PANEL_W, PANEL_H)
