@@ -1,13 +1,16 @@
 """Shared fixtures and helpers: tiny ViTs (width 32, depth 2) so the suite stays fast on two CPU cores.
 
 Test files import the plain helpers from here (`from tests.conftest import make_run`), never from
-each other, and never a private name of `ssl_vit`.
+each other, and never a private name of `ssl_vit`. Runs that several modules need are made once per
+session (`shared_supervised_run`, `shared_untrained_run`); tests only read them, and the session
+fails if one writes into them. A test that writes into a run works on `copy_run` of it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +24,7 @@ from safetensors.torch import load_file
 
 from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
+from ssl_vit.cli import main
 from ssl_vit.config import ModelConfig, load_recipe, save_recipe
 from ssl_vit.engine.checkpoint import write_checkpoint
 from ssl_vit.objectives import Objective
@@ -127,3 +131,45 @@ def run_backbone(run_dir: Path, weights: str = "student") -> Backbone:
     backbone = Backbone.from_config(tiny_model_config()).eval()
     backbone.vit.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return backbone
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of `run` at `dest`, for tests that write into a run (evaluators write RUN/eval/*.json).
+
+    The copy's `backbone/` export still records the original's path as its run directory.
+    """
+    shutil.copytree(run, dest)
+    return dest
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@contextmanager
+def _kept_unchanged(run: Path) -> Iterator[Path]:
+    """Yield `run`; at the end, fail if any test added, removed or rewrote a file in it."""
+    before = _listing(run)
+    yield run
+    assert _listing(run) == before, f"a test wrote into the shared run {run}; give it copy_run(...)"
+
+
+@pytest.fixture(scope="session")
+def shared_supervised_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A finished supervised digits run named `sup`: TINY model, 3 steps of 32 images, `--quiet`.
+
+    Made once per session for the modules that need a trained run (cli, api, eval_cli, figures).
+    Only read it; a test that writes into it takes `copy_run` of it.
+    """
+    out = tmp_path_factory.mktemp("shared") / "sup"
+    argv = ["pretrain", "digits/supervised", *TINY, "train.max_steps=3", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    with _kept_unchanged(out) as run:
+        yield run
+
+
+@pytest.fixture(scope="session")
+def shared_untrained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`make_run(..., evals=False)`, made once per session for the tests that export or load it."""
+    with _kept_unchanged(make_run(tmp_path_factory.mktemp("shared") / "untrained", evals=False)) as run:
+        yield run

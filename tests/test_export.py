@@ -28,11 +28,11 @@ assert "ssl_vit" not in sys.modules
 """
 
 
-def test_export_loads_in_plain_timm_with_equal_features(tmp_path: Path) -> None:
+def test_export_loads_in_plain_timm_with_equal_features(shared_untrained_run: Path, tmp_path: Path) -> None:
     """`ssl-vit export` output, model card included, loads in a process that never imports ssl_vit."""
     from ssl_vit.api import export
 
-    out = export(make_run(tmp_path / "run", evals=False), tmp_path / "export")
+    out = export(shared_untrained_run, tmp_path / "export")
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
     x = torch.randn(3, 1, 16, 16)
     np.save(tmp_path / "x.npy", x.numpy())
@@ -46,7 +46,7 @@ def test_export_loads_in_plain_timm_with_equal_features(tmp_path: Path) -> None:
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info == {"mean": [0.5], "std": [0.5], "input_size": [1, 16, 16], "heads": []}
     with torch.no_grad():
-        expected = run_backbone(tmp_path / "run").forward_features(x).numpy()
+        expected = run_backbone(shared_untrained_run).forward_features(x).numpy()
     assert np.abs(np.load(tmp_path / "y.npy") - expected).max() <= 1e-5
 
 

@@ -85,16 +85,16 @@ class FakeMasked(Objective):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    """A tiny supervised run and a tiny run of the fake masked objective (registered for this module)."""
+def runs(shared_supervised_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """The shared tiny supervised run `sup` (figures only read it) and a tiny run of the fake masked
+    objective (registered for this module)."""
     with registered_objective("fake_masked", FakeMasked):  # gone afterwards: other modules list names()
         base = tmp_path_factory.mktemp("figure-runs")
         recipe = yaml.safe_load((RECIPES_DIR / "digits" / "supervised.yaml").read_text())
         recipe["objective"] = {"name": "fake_masked"}
         (base / "fake_masked.yaml").write_text(yaml.safe_dump(recipe))
-        out = {"sup": base / "sup", "masked": base / "masked"}
+        out = {"sup": shared_supervised_run, "masked": base / "masked"}
         steps = [*TINY, "train.max_steps=3", "--quiet"]
-        assert main(["pretrain", "digits/supervised", *steps, "--out", str(out["sup"])]) == 0
         assert main(["pretrain", str(base / "fake_masked.yaml"), *steps, "--out", str(out["masked"])]) == 0
         yield out
 
