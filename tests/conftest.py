@@ -1,16 +1,33 @@
-"""Shared fixtures: tiny ViTs (width 32, depth 2) so the suite stays fast on two CPU cores."""
+"""Shared fixtures and helpers: tiny ViTs (width 32, depth 2) so the suite stays fast on two CPU cores.
+
+Test files import the plain helpers from here (`from tests.conftest import make_run`), never from
+each other, and never a private name of `ssl_vit`. Runs that several modules need are made once per
+session (`shared_supervised_run`, `shared_untrained_run`); tests only read them, and the session
+fails if one writes into them. A test that writes into a run works on `copy_run` of it.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import ModelConfig
+from ssl_vit.cli import main
+from ssl_vit.config import ModelConfig, load_recipe, save_recipe
+from ssl_vit.engine.checkpoint import write_checkpoint
+from ssl_vit.objectives import Objective
 
 REPO = Path(__file__).resolve().parent.parent
 # Built-in sets are written to shards once; keep the tests' copy out of the user's cache.
@@ -42,3 +59,117 @@ def tiny_backbone() -> Backbone:
 @pytest.fixture(autouse=True)
 def _single_thread_determinism() -> None:
     torch.manual_seed(0)
+
+
+@contextmanager
+def registered_objective(name: str, cls: type[Objective]) -> Iterator[None]:
+    """`cls` is the objective `name` inside the block, in place of any class of that name.
+
+    Afterwards the registry is as before (the replaced class back, a new name gone), so that
+    `objectives.names()` in later tests, e.g. the demo's list of objectives, sees the real set.
+    """
+    previous = objectives.unregister(name) if name in objectives.names() else None
+    objectives.register(name)(cls)
+    try:
+        yield
+    finally:
+        objectives.unregister(name)
+        if previous is not None:
+            objectives.register(name)(previous)
+
+
+# ---------------------------------------------------------------- synthetic features
+def clusters(
+    n_per_class: int, n_classes: int, dim: int, spread: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian blobs around centres ~10 apart: (n_classes * n_per_class, dim) features and labels.
+
+    The centres depend on `seed` only, so two calls with one seed give train and test sets of the
+    same classes.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)) * 10
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    return centres[y] + rng.normal(size=(len(y), dim)) * spread, y
+
+
+# ---------------------------------------------------------------- run directories
+def records(run: Path) -> list[dict[str, Any]]:
+    """Every line of the run's metrics.jsonl (strict: a line that is not JSON fails the test)."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_run(run_dir: Path, teacher: bool = False, evals: bool = True) -> Path:
+    """A run directory as `pretrain` leaves it, without training: recipe, one checkpoint, summary, evals.
+
+    With `teacher`, the checkpoint also holds `teacher_backbone.vit.*` (the EMA-teacher convention)
+    with weights other than the student's.
+    """
+    recipe = load_recipe("digits/supervised", TINY)
+    torch.manual_seed(0)
+    objective = objectives.build(recipe.objective, Backbone.from_config(recipe.model), num_classes=10)
+    if teacher:
+        torch.manual_seed(1)
+        objective.teacher_backbone = Backbone.from_config(recipe.model)
+    run_dir.mkdir(parents=True)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    write_checkpoint(run_dir / "checkpoints", 7, objective.state_dict(), {}, {"epoch": 1})
+    summary = {"objective": "supervised", "steps": 7, "images_seen": 224, "pretrain_seconds": 3725.0}
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "final_loss": 1.25}))
+    if evals:
+        (run_dir / "eval").mkdir()
+        (run_dir / "eval" / "linear_probe.json").write_text(json.dumps({"top1": 0.8765, "n_test": 540}))
+        knn = {"k": {"10": {"top1": 0.6543}, "20": {"top1": 0.5432}}, "draws": [0.25, 0.5]}
+        (run_dir / "eval" / "knn.json").write_text(json.dumps(knn))
+    return run_dir
+
+
+def run_backbone(run_dir: Path, weights: str = "student") -> Backbone:
+    """The run's student or teacher, read from its checkpoint independently of `ssl-vit export`."""
+    state = load_file(str(next((run_dir / "checkpoints").iterdir()) / "model.safetensors"))
+    prefix = {"student": "backbone.vit.", "teacher": "teacher_backbone.vit."}[weights]
+    backbone = Backbone.from_config(tiny_model_config()).eval()
+    backbone.vit.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return backbone
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of `run` at `dest`, for tests that write into a run (evaluators write RUN/eval/*.json).
+
+    The copy's `backbone/` export still records the original's path as its run directory.
+    """
+    shutil.copytree(run, dest)
+    return dest
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@contextmanager
+def _kept_unchanged(run: Path) -> Iterator[Path]:
+    """Yield `run`; at the end, fail if any test added, removed or rewrote a file in it."""
+    before = _listing(run)
+    yield run
+    assert _listing(run) == before, f"a test wrote into the shared run {run}; give it copy_run(...)"
+
+
+@pytest.fixture(scope="session")
+def shared_supervised_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A finished supervised digits run named `sup`: TINY model, 3 steps of 32 images, `--quiet`.
+
+    Made once per session for the modules that need a trained run (cli, api, eval_cli, figures).
+    Only read it; a test that writes into it takes `copy_run` of it.
+    """
+    out = tmp_path_factory.mktemp("shared") / "sup"
+    argv = ["pretrain", "digits/supervised", *TINY, "train.max_steps=3", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    with _kept_unchanged(out) as run:
+        yield run
+
+
+@pytest.fixture(scope="session")
+def shared_untrained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`make_run(..., evals=False)`, made once per session for the tests that export or load it."""
+    with _kept_unchanged(make_run(tmp_path_factory.mktemp("shared") / "untrained", evals=False)) as run:
+        yield run

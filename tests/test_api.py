@@ -15,7 +15,7 @@ import ssl_vit
 from ssl_vit.cli import parse_args
 from ssl_vit.errors import RecipeError
 from ssl_vit.rundir import RunDir
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, copy_run
 
 
 def readme_api_example() -> str:
@@ -56,9 +56,9 @@ def test_import_is_light_and_exposes_the_api() -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("api") / "sup"
-    return ssl_vit.pretrain("digits/supervised", [*TINY, "train.max_steps=3"], out=out, quiet=True)
+def run(shared_supervised_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny supervised run (conftest); a copy, as the evaluators write into it."""
+    return copy_run(shared_supervised_run, tmp_path_factory.mktemp("api") / "sup")
 
 
 def test_evaluators_return_and_record_their_results(run: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ssl_vit.cli import main
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, copy_run
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -18,12 +18,9 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def supervised_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "sup"
-    assert (
-        main(["pretrain", "digits/supervised", *TINY, "train.max_steps=3", "--out", str(out), "--quiet"]) == 0
-    )
-    return out
+def supervised_run(shared_supervised_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`ssl-vit pretrain digits/supervised`, 3 steps (conftest); a copy, as `probe` writes into it."""
+    return copy_run(shared_supervised_run, tmp_path_factory.mktemp("runs") / "sup")
 
 
 def test_pretrain_writes_the_run_directory(supervised_run: Path) -> None:

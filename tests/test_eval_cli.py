@@ -9,16 +9,13 @@ import pytest
 
 from ssl_vit import demo_runs, objectives
 from ssl_vit.cli import main
-from tests.conftest import TINY
+from tests.conftest import TINY, copy_run
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "sup"
-    assert (
-        main(["pretrain", "digits/supervised", *TINY, "train.max_steps=2", "--out", str(out), "--quiet"]) == 0
-    )
-    return out
+def run(shared_supervised_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny supervised run (conftest); a copy, as the evaluators write into it."""
+    return copy_run(shared_supervised_run, tmp_path_factory.mktemp("runs") / "sup")
 
 
 def last_json(capsys: pytest.CaptureFixture[str]) -> dict:  # type: ignore[type-arg]

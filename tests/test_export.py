@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.errors import CheckpointError
 from ssl_vit.timm_export import backbone_state, export_backbone, load_backbone
-from tests.conftest import tiny_model_config
+from tests.conftest import make_run, registered_objective, run_backbone, tiny_model_config
 
 PLAIN_TIMM = """
 import sys, json, numpy as np, timm, torch
@@ -29,11 +28,11 @@ assert "ssl_vit" not in sys.modules
 """
 
 
-def test_export_loads_in_plain_timm_with_equal_features(tmp_path: Path) -> None:
+def test_export_loads_in_plain_timm_with_equal_features(shared_untrained_run: Path, tmp_path: Path) -> None:
     """`ssl-vit export` output, model card included, loads in a process that never imports ssl_vit."""
     from ssl_vit.api import export
 
-    out = export(make_run(tmp_path / "run", evals=False), tmp_path / "export")
+    out = export(shared_untrained_run, tmp_path / "export")
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
     x = torch.randn(3, 1, 16, 16)
     np.save(tmp_path / "x.npy", x.numpy())
@@ -47,7 +46,7 @@ def test_export_loads_in_plain_timm_with_equal_features(tmp_path: Path) -> None:
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info == {"mean": [0.5], "std": [0.5], "input_size": [1, 16, 16], "heads": []}
     with torch.no_grad():
-        expected = run_backbone(tmp_path / "run").forward_features(x).numpy()
+        expected = run_backbone(shared_untrained_run).forward_features(x).numpy()
     assert np.abs(np.load(tmp_path / "y.npy") - expected).max() <= 1e-5
 
 
@@ -61,45 +60,6 @@ def test_load_backbone_round_trip(tiny_backbone: Backbone, tmp_path: Path) -> No
 
 
 # ------------------------------------------------------------ run directories, cards, student/teacher
-def make_run(run_dir: Path, teacher: bool = False, evals: bool = True) -> Path:
-    """A run directory as `pretrain` leaves it, without training: recipe, one checkpoint, summary, evals.
-
-    With `teacher`, the checkpoint also holds `teacher_backbone.vit.*` (the EMA-teacher convention)
-    with weights other than the student's.
-    """
-    from ssl_vit import objectives
-    from ssl_vit.config import load_recipe, save_recipe
-    from ssl_vit.engine.checkpoint import write_checkpoint
-    from tests.conftest import TINY
-
-    recipe = load_recipe("digits/supervised", TINY)
-    torch.manual_seed(0)
-    objective = objectives.build(recipe.objective, Backbone.from_config(recipe.model), num_classes=10)
-    if teacher:
-        torch.manual_seed(1)
-        objective.teacher_backbone = Backbone.from_config(recipe.model)
-    run_dir.mkdir(parents=True)
-    save_recipe(recipe, run_dir / "recipe.yaml")
-    write_checkpoint(run_dir / "checkpoints", 7, objective.state_dict(), {}, {"epoch": 1})
-    summary = {"objective": "supervised", "steps": 7, "images_seen": 224, "pretrain_seconds": 3725.0}
-    (run_dir / "summary.json").write_text(json.dumps({**summary, "final_loss": 1.25}))
-    if evals:
-        (run_dir / "eval").mkdir()
-        (run_dir / "eval" / "linear_probe.json").write_text(json.dumps({"top1": 0.8765, "n_test": 540}))
-        knn = {"k": {"10": {"top1": 0.6543}, "20": {"top1": 0.5432}}, "draws": [0.25, 0.5]}
-        (run_dir / "eval" / "knn.json").write_text(json.dumps(knn))
-    return run_dir
-
-
-def run_backbone(run_dir: Path, weights: str = "student") -> Backbone:
-    """The run's student or teacher, read from its checkpoint independently of `ssl-vit export`."""
-    state = load_file(str(next((run_dir / "checkpoints").iterdir()) / "model.safetensors"))
-    prefix = {"student": "backbone.vit.", "teacher": "teacher_backbone.vit."}[weights]
-    backbone = Backbone.from_config(tiny_model_config()).eval()
-    backbone.vit.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return backbone
-
-
 def _features(folder: Path, x: torch.Tensor) -> torch.Tensor:
     backbone, _ = load_backbone(folder)
     with torch.no_grad():
@@ -163,11 +123,8 @@ def test_backbone_state_picks_student_or_teacher_by_prefix(teacher_at: str) -> N
         backbone_state(student, "teacher")
 
 
-def test_export_weights_student_teacher_and_objective_default(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_export_weights_student_teacher_and_objective_default(tmp_path: Path) -> None:
     from ssl_vit.api import export
-    from ssl_vit.objectives import _REGISTRY
     from ssl_vit.objectives.supervised import Supervised
 
     run = make_run(tmp_path / "run", teacher=True)
@@ -187,7 +144,7 @@ def test_export_weights_student_teacher_and_objective_default(
     class WithTeacher(Supervised):  # what DINO declares: its paper evaluates the EMA teacher
         export_weights = "teacher"
 
-    monkeypatch.setitem(_REGISTRY, "supervised", WithTeacher)
-    folder = export(run, tmp_path / "dino_like")
+    with registered_objective("supervised", WithTeacher):
+        folder = export(run, tmp_path / "dino_like")
     torch.testing.assert_close(_features(folder, x), ref["teacher"], rtol=0, atol=1e-6)
     assert json.loads((folder / "config.json").read_text())["ssl_vit"]["weights"] == "teacher"

@@ -18,12 +18,10 @@ import yaml
 from einops import rearrange
 from torch import Tensor, nn
 
-from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main
 from ssl_vit.config import RECIPES_DIR
 from ssl_vit.figures import show, write_compare_figures
-from ssl_vit.figures._mpl import pixel_size
 from ssl_vit.figures.attention import attention_layout, cls_attention
 from ssl_vit.figures.curves import (
     COLS,
@@ -39,7 +37,7 @@ from ssl_vit.figures.source import open_source, pick_images
 from ssl_vit.objectives.base import Objective
 from ssl_vit.rundir import read_metrics
 from ssl_vit.types import Batch, ViewSpec
-from tests.conftest import TINY
+from tests.conftest import TINY, registered_objective
 
 
 @dataclass
@@ -87,23 +85,28 @@ class FakeMasked(Objective):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    """A tiny supervised run and a tiny run of the fake masked objective (registered for this module)."""
-    objectives.register("fake_masked")(FakeMasked)
-    base = tmp_path_factory.mktemp("figure-runs")
-    recipe = yaml.safe_load((RECIPES_DIR / "digits" / "supervised.yaml").read_text())
-    recipe["objective"] = {"name": "fake_masked"}
-    (base / "fake_masked.yaml").write_text(yaml.safe_dump(recipe))
-    out = {"sup": base / "sup", "masked": base / "masked"}
-    steps = [*TINY, "train.max_steps=3", "--quiet"]
-    assert main(["pretrain", "digits/supervised", *steps, "--out", str(out["sup"])]) == 0
-    assert main(["pretrain", str(base / "fake_masked.yaml"), *steps, "--out", str(out["masked"])]) == 0
-    yield out
-    objectives._REGISTRY.pop("fake_masked", None)  # keep other modules' registry parametrisations clean
+def runs(shared_supervised_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """The shared tiny supervised run `sup` (figures only read it) and a tiny run of the fake masked
+    objective (registered for this module)."""
+    with registered_objective("fake_masked", FakeMasked):  # gone afterwards: other modules list names()
+        base = tmp_path_factory.mktemp("figure-runs")
+        recipe = yaml.safe_load((RECIPES_DIR / "digits" / "supervised.yaml").read_text())
+        recipe["objective"] = {"name": "fake_masked"}
+        (base / "fake_masked.yaml").write_text(yaml.safe_dump(recipe))
+        out = {"sup": shared_supervised_run, "masked": base / "masked"}
+        steps = [*TINY, "train.max_steps=3", "--quiet"]
+        assert main(["pretrain", str(base / "fake_masked.yaml"), *steps, "--out", str(out["masked"])]) == 0
+        yield out
 
 
 def decoded_size(path: Path) -> tuple[int, int]:
     return matplotlib.image.imread(path).shape[:2]  # type: ignore[no-any-return]
+
+
+def grid_pixels(rows: int, cols: int, width: float = 1.6, height: float = 1.6) -> tuple[int, int]:
+    """(height, width) in pixels of a saved grid of rows x cols panels, each width x height inches
+    (1.6 by default) at the figures' 100 dpi: fixed, with no tight bounding box to change it."""
+    return round(rows * height * 100), round(cols * width * 100)
 
 
 def test_every_kind_is_written_with_its_size_and_is_deterministic(
@@ -117,10 +120,10 @@ def test_every_kind_is_written_with_its_size_and_is_deterministic(
     assert {"loss", "lr", "images_per_sec", "hidden"} <= set(keys)
     rows, cols = curves_layout(len(keys))
     expected = {
-        "curves.png": pixel_size(rows, COLS, PANEL_W, PANEL_H),
+        "curves.png": grid_pixels(rows, COLS, PANEL_W, PANEL_H),
         "embedding.png": embedding_size(1),
-        "attention.png": pixel_size(*attention_layout(4, 2)),  # input + 2 heads
-        "reconstruction.png": pixel_size(*reconstruction_layout(4)),
+        "attention.png": grid_pixels(*attention_layout(4, 2)),  # input + 2 heads
+        "reconstruction.png": grid_pixels(*reconstruction_layout(4)),
     }
     assert cols == COLS
     for path in first.written:
@@ -265,4 +268,4 @@ def test_online_monitor_panels_follow_throughput_and_their_cost_is_not_drawn(tmp
     assert "knn_top1" not in curve_keys({"run": recs[:4]})  # absent when the run did not measure
     out = draw_curves({"run": recs}, tmp_path / "curves.png")
     rows, _ = curves_layout(len(keys))
-    assert decoded_size(out) == pixel_size(rows, COLS, PANEL_W, PANEL_H)
+    assert decoded_size(out) == grid_pixels(rows, COLS, PANEL_W, PANEL_H)

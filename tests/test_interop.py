@@ -19,7 +19,7 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import ModelConfig
 from ssl_vit.errors import CheckpointError
 from ssl_vit.pretrained import backbone_from_config, load_into_backbone
-from tests.conftest import tiny_model_config
+from tests.conftest import run_backbone, tiny_model_config
 
 ARCH = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
@@ -215,10 +215,8 @@ def test_probe_loads_a_timm_folder_that_is_not_ours(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.from_numpy(extract(model.backbone, x)), want, rtol=0, atol=1e-6)
 
 
-def test_init_from_our_own_run_directory(tmp_path: Path) -> None:
-    from tests.test_export import make_run, run_backbone
-
-    run = make_run(tmp_path / "run", evals=False)
+def test_init_from_our_own_run_directory(shared_untrained_run: Path) -> None:
+    run = shared_untrained_run
     backbone = Backbone.from_config(tiny_model_config())
     load_into_backbone(backbone, next((run / "checkpoints").iterdir()))  # `backbone.vit.` keys
     torch.testing.assert_close(backbone.vit.pos_embed, run_backbone(run).vit.pos_embed)

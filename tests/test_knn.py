@@ -7,7 +7,7 @@ import pytest
 from ssl_vit.eval.knn import knn_classify
 
 from ssl_vit.errors import RecipeError
-from tests.test_linear_probe import clusters
+from tests.conftest import clusters
 
 
 def brute_force_knn(

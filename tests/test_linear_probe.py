@@ -7,15 +7,7 @@ import pytest
 from ssl_vit.eval import linear_probe as lp
 
 from ssl_vit.errors import DataError
-
-
-def clusters(
-    n_per_class: int, n_classes: int, dim: int, spread: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(n_classes, dim)) * 10
-    y = np.repeat(np.arange(n_classes), n_per_class)
-    return centres[y] + rng.normal(size=(len(y), dim)) * spread, y
+from tests.conftest import clusters
 
 
 def test_separable_clusters_reach_full_accuracy() -> None:

@@ -3,7 +3,6 @@ pretraining run writes with `eval.online_every_steps` (and without it)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,9 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main
 from ssl_vit.config import RECIPES_DIR, EvalConfig
 from ssl_vit.errors import DataError
-from tests.conftest import TINY
+from tests.conftest import TINY, records
 
 MONITOR = ["eval.online_samples=200", "log.every_steps=4"]
-
-
-def records(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def rankme_by_loops(z: np.ndarray, eps: float = 1e-7) -> float:

@@ -101,6 +101,27 @@ def test_unknown_objective_lists_the_known_ones() -> None:
         objectives.get("simclrr")
 
 
+def test_unregister_frees_a_name_and_returns_its_class() -> None:
+    """What a notebook does to run a changed `@register` cell again: the name takes the new class."""
+    from ssl_vit.errors import RecipeError
+
+    original = objectives.unregister("supervised")
+    try:
+        assert "supervised" not in objectives.names()
+        with pytest.raises(RecipeError, match="unknown"):
+            objectives.unregister("supervised")
+
+        class Changed(original):  # type: ignore[valid-type,misc]
+            pass
+
+        objectives.register("supervised")(Changed)
+        assert objectives.get("supervised") is Changed
+        assert objectives.unregister("supervised") is Changed
+    finally:
+        objectives.register("supervised")(original)
+    assert objectives.get("supervised") is original
+
+
 @pytest.mark.parametrize("name", ["supervised", "mpp", "mae", "simclr"])
 def test_asking_a_teacherless_objective_for_its_teacher_is_a_checkpoint_error(name: str) -> None:
     objective = make(name)

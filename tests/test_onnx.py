@@ -12,18 +12,17 @@ import torch
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.onnx_export import MissingExtraError, export_onnx, require_onnx
-from tests.conftest import tiny_model_config
-from tests.test_export import make_run, run_backbone
+from tests.conftest import run_backbone, tiny_model_config
 
 
-def test_cli_onnx_round_trip_with_a_dynamic_batch(tmp_path: Path) -> None:
+def test_cli_onnx_round_trip_with_a_dynamic_batch(shared_untrained_run: Path, tmp_path: Path) -> None:
     ort = pytest.importorskip(
         "onnxruntime", reason="the onnx extra is not installed: pip install 'ssl-vit[onnx]'"
     )
     onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install 'ssl-vit[onnx]'")
     from ssl_vit.cli import main
 
-    run = make_run(tmp_path / "run", evals=False)
+    run = shared_untrained_run
     assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m" / "model.onnx")]) == 0
     session = ort.InferenceSession(str(tmp_path / "m" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
@@ -52,12 +51,15 @@ def test_missing_extra_is_one_line_naming_the_install(monkeypatch: pytest.Monkey
 
 
 def test_cli_missing_extra_exits_2(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    shared_untrained_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from ssl_vit.cli import main
 
     monkeypatch.setitem(sys.modules, "onnxscript", None)
-    run = make_run(tmp_path / "run", evals=False)
+    run = shared_untrained_run
     assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "model.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "pip install 'ssl-vit[onnx]'" in err[0]

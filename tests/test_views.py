@@ -65,7 +65,8 @@ def test_batch_colour_ops_match_torchvision_per_image() -> None:
     """Each batched operation, with its factor pinned, equals torchvision's per-image kernel."""
     torch.manual_seed(0)
     images = torch.rand(4, 3, 12, 12)
-    # brightness: torch.rand drives the factor; pin it by asking for a zero-width range of 1 +- 0
+    # With strength 1 the factor is drawn as U(0, 2) = 2 * torch.rand; pinning torch.rand at factor / 2
+    # pins it (and keeps the draw "apply with jitter_p = 1" true: factor / 2 < 1).
     for op, factor, kernel in [
         (0, 1.3, TF.adjust_brightness),
         (1, 0.6, TF.adjust_contrast),
@@ -73,9 +74,7 @@ def test_batch_colour_ops_match_torchvision_per_image() -> None:
     ]:
         jitter = [0.0] * 4
         jitter[op] = 1.0
-        with mock.patch(
-            "ssl_vit.data.views._uniform", lambda b, lo, hi, f=factor: torch.full((b, 1, 1, 1), f)
-        ):
+        with mock.patch("torch.rand", lambda *shape, f=factor, **kw: torch.full(shape, f / 2)):
             got = BatchColour([0.0] * 3, [1.0] * 3, jitter=tuple(jitter), jitter_p=1.0)(images)  # type: ignore[arg-type]
         want = torch.stack([kernel(img, factor) for img in images])
         assert (got - want).abs().max() < 1e-5, op

@@ -46,6 +46,18 @@ def get(name: str) -> type[Objective]:
     return _REGISTRY[name]
 
 
+def unregister(name: str) -> type[Objective]:
+    """Remove `name` from the registry and return its class, so another class may take the name.
+
+    For notebooks, where running a `@register` cell again brings a new class object, and for tests
+    that register an objective for a while and then restore the registry. An unknown name is a
+    `RecipeError`, as in `get`.
+    """
+    cls = get(name)
+    del _REGISTRY[name]
+    return cls
+
+
 def build(
     section: dict[str, Any],
     backbone: Backbone,
@@ -71,4 +83,4 @@ def build(
     return cls(backbone, cfg)  # type: ignore[call-arg]
 
 
-__all__ = ["Objective", "Reconstructor", "build", "get", "names", "register"]
+__all__ = ["Objective", "Reconstructor", "build", "get", "names", "register", "unregister"]
