@@ -240,7 +240,9 @@ def export(
         )
     weights = weights or default_weights(recipe.objective["name"])
     backbone = Backbone.from_config(recipe.model)
-    backbone.vit.load_state_dict(backbone_state(load_model_weights(ckpts[-1]), weights))
+    loaded = backbone.load_timm_weights(backbone_state(load_model_weights(ckpts[-1]), weights))
+    if loaded.missing:
+        raise CheckpointError(f"{ckpts[-1]} lacks backbone weights: {', '.join(loaded.missing[:3])}")
     if fmt == "onnx":
         from ssl_vit.onnx_export import TOLERANCE, export_onnx
 
