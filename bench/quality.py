@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from ssl_vit.eval.linear_probe import lowshot_probe
 import ssl_vit.data.shapes
 from ssl_vit.api import pretrain
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import load_recipe
+from ssl_vit.config import Recipe, load_recipe
 from ssl_vit.rundir import RunDir
 
 OBJECTIVES = ["supervised", "mpp", "mae", "simclr", "mocov3", "dino"]
@@ -84,8 +85,18 @@ def remove_shapes_colour(cache: Path) -> None:
     ssl_vit.data.shapes.render = render_grey
 
 
-def features(data: str, name: str, seed: int, out: Path, overrides: list[str]) -> tuple[Split, Split]:
-    """Train and test features of `data/name` pretrained at `seed`, or of a baseline."""
+def same_training(a: Recipe, b: Recipe) -> bool:
+    """Equal recipes, where `train.epochs` does not count when `train.max_steps` sets the length."""
+    if a.train.max_steps is not None and a.train.max_steps == b.train.max_steps:
+        b = replace(b, train=replace(b.train, epochs=a.train.epochs))
+    return a == b
+
+
+def features(
+    data: str, name: str, seed: int, out: Path, overrides: list[str], reuse: bool = False
+) -> tuple[Split, Split]:
+    """Train and test features of `data/name` pretrained at `seed`, or of a baseline. With `reuse`, a
+    finished run of the same resolved recipe in `out` is scored again instead of pretrained again."""
     recipe = load_recipe(f"{data}/supervised")
     if name == "raw_pixels":
         size, chans = recipe.model.img_size, recipe.model.in_chans
@@ -105,10 +116,12 @@ def features(data: str, name: str, seed: int, out: Path, overrides: list[str]) -
             "random_init",
         )
     else:
-        run = out / f"{data}-{name}-s{seed}"
-        pretrain(f"{data}/{name}", [f"seed={seed}", *overrides], run, quiet=True)
-        recipe = RunDir(run).recipe()
-        model = load_eval_model(RunDir(run).backbone, recipe.data.train)
+        run = RunDir(out / f"{data}-{name}-s{seed}")
+        wanted = load_recipe(f"{data}/{name}", [f"seed={seed}", *overrides])
+        if not (reuse and run.summary() and same_training(run.recipe(), wanted)):
+            pretrain(f"{data}/{name}", [f"seed={seed}", *overrides], run.path, quiet=True)
+        recipe = run.recipe()
+        model = load_eval_model(run.backbone, recipe.data.train)
     kind = recipe.eval.feature  # the recipe's own feature (MPP: mean patch token)
     return split_features(model, "train", kind), split_features(model, "test", kind)
 
@@ -151,6 +164,9 @@ def main() -> None:
     parser.add_argument(
         "--shots", type=int, default=10, help="K of the K-shot linear probe per row (0: skip it; default 10)"
     )
+    parser.add_argument(
+        "--reuse", action="store_true", help="score finished runs of the same recipe in --out again"
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (after --)")
     args = parser.parse_args()
     if args.threads:
@@ -162,7 +178,7 @@ def main() -> None:
         remove_shapes_colour(args.out / "grey-cache")
     record_path = args.out / f"quality-{args.data}{'-grey' if args.grey else ''}.json"
     names = args.objectives if args.no_baselines else ["random_init", "raw_pixels", *args.objectives]
-    rows: list[dict[str, Any]] = []
+    merged: list[dict[str, Any]] = []
     colour = None
     if args.colour:
         model = load_recipe(f"{args.data}/supervised").model
@@ -172,7 +188,7 @@ def main() -> None:
     for name in names:
         for seed in [0] if name == "raw_pixels" else args.seeds:
             start = time.perf_counter()
-            train, test = features(args.data, name, seed, args.out, args.overrides)
+            train, test = features(args.data, name, seed, args.out, args.overrides, args.reuse)
             row: dict[str, Any] = {"objective": name, "seed": seed, "knn_top1": knn_top1(train, test)}
             note = ""
             if args.shots:
@@ -185,13 +201,20 @@ def main() -> None:
             if name not in ("random_init", "raw_pixels") and done:
                 row.update(steps=done["steps"], pretrain_seconds=done["pretrain_seconds"])
             row["seconds"] = time.perf_counter() - start
-            rows.append(row)
             top1 = 100 * row["knn_top1"]
             print(
                 f"{name:<12} seed {seed}: k-NN top-1 {top1:5.1f}%{note}  ({row['seconds']:.0f}s)", flush=True
             )
+            merged = save_rows(record_path, [row], args)  # after each row: a stopped job keeps them
+    summarise(merged)
+
+
+def save_rows(
+    record_path: Path, rows: list[dict[str, Any]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Merge `rows` into the record file (rows of other objectives and seeds are kept; other processes
+    may write to the same file, so it is read just before writing) and return all its rows."""
     new_keys = {(r["objective"], r["seed"]) for r in rows}
-    # Read only now: another process may have written rows to the same file meanwhile.
     old = json.loads(record_path.read_text())["rows"] if record_path.is_file() else []
     merged = [r for r in old if (r["objective"], r["seed"]) not in new_keys] + rows
     record = {
@@ -203,7 +226,7 @@ def main() -> None:
         "rows": merged,
     }
     record_path.write_text(json.dumps(record, indent=2))
-    summarise(merged)
+    return merged
 
 
 if __name__ == "__main__":
