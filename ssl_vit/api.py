@@ -580,7 +580,7 @@ def demo(
                 summary["final_loss"],
             )
 
-    with bar, logging_redirect_tqdm([log]):  # log lines above the bar, not through it
+    with bar, logging_redirect_tqdm():  # log lines above the bar, once (root handler swapped)
         runs = demo_lib.run_pretraining(todo, jobs, threads, finished)
         protocol = Protocol(**demo_lib.DEMO_PROTOCOL)
         steps = max(1, round(demo_lib.DEMO_FINETUNE_STEPS * steps_scale))
