@@ -82,6 +82,7 @@ class OptimConfig:
     warmup_steps: int | None = None
     warmup_epochs: float = 0.0
     clip_grad: float | None = None
+    clip_mode: str = "global"  # global: one norm over all gradients | per_param: each its own (DINO)
     accum_steps: int = 1
     layer_decay: float | None = None
 

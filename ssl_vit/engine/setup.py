@@ -51,6 +51,8 @@ def check_config(optim: OptimConfig, train: TrainConfig, ckpt: CkptConfig, logcf
         raise RecipeError(f"optim.accum_steps must be at least 1, got {optim.accum_steps}")
     if optim.lr_scaling not in ("none", "linear"):
         raise RecipeError(f"optim.lr_scaling must be 'none' or 'linear', not '{optim.lr_scaling}'")
+    if optim.clip_mode not in ("global", "per_param"):
+        raise RecipeError(f"optim.clip_mode must be 'global' or 'per_param', not '{optim.clip_mode}'")
     if train.max_bad_steps < 1:
         raise RecipeError(f"train.max_bad_steps must be at least 1, got {train.max_bad_steps}")
     if ckpt.every_steps is not None and ckpt.every_steps < 1:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ssl_vit.config import OptimConfig
 from ssl_vit.engine.state import TrainState
-from ssl_vit.errors import TrainingError
+from ssl_vit.errors import RecipeError, TrainingError
 from ssl_vit.objectives.base import Objective
 from ssl_vit.types import Batch
 
@@ -52,13 +52,33 @@ def forward_backward(
     return loss.detach(), logs
 
 
-def grad_norm(accelerator: Accelerator, model: nn.Module, clip: float | None) -> Tensor:
-    """Total gradient norm (clipping to `clip` when set); unscales fp16 gradients first."""
+def grad_norm(accelerator: Accelerator, model: nn.Module, clip: float | None, mode: str = "global") -> Tensor:
+    """Total gradient norm before clipping; unscales fp16 gradients first. With `clip`, mode
+    "global" scales all gradients together to norm `clip` (torch's `clip_grad_norm_`); "per_param"
+    clips each parameter's gradient to norm `clip` on its own, as the official DINO code does."""
+    if mode == "per_param" and clip is not None:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise RecipeError("optim.clip_mode: per_param needs whole gradients, and FSDP shards them")
+        accelerator.unscale_gradients()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        total = torch.nn.utils.get_total_norm(grads)
+        clip_per_param(grads, clip)
+        return total
     if clip is not None or accelerator.distributed_type == DistributedType.FSDP:
         return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), clip or math.inf))
     accelerator.unscale_gradients()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+@torch.no_grad()
+def clip_per_param(grads: list[Tensor], clip: float) -> None:
+    """g <- g * min(1, clip / (||g|| + 1e-6)) for each gradient on its own: facebookresearch/dino
+    `utils.clip_gradients`, called on the student in `main_dino.py` `train_one_epoch`."""
+    for g in grads:  # one small kernel pair per tensor, no host sync
+        g.mul_((clip / (torch.linalg.vector_norm(g.float()) + 1e-6)).clamp(max=1.0).to(g.dtype))
 
 
 def train_step(
@@ -73,7 +93,7 @@ def train_step(
     stop_requested: bool,
 ) -> StepResult:
     """Accumulate `optim.accum_steps` micro-batches, then update with `hyper = (lr, weight_decay)`,
-    clipping the gradient norm to `optim.clip_grad` when set."""
+    clipping gradients to norm `optim.clip_grad` when set (`optim.clip_mode`: global or per_param)."""
     accum_steps = optim.accum_steps
     losses: list[Tensor] = []
     sums: dict[str, Tensor] = {}
@@ -88,7 +108,7 @@ def train_step(
         images += len(batch)
     assert accelerator.sync_gradients, "accumulation window out of step with accelerate's counter"
     inner.after_backward()
-    norm = grad_norm(accelerator, model, optim.clip_grad)
+    norm = grad_norm(accelerator, model, optim.clip_grad, optim.clip_mode)
     loss = torch.stack(losses).mean()
     flags = torch.stack(
         [
