@@ -311,6 +311,31 @@ def test_dino_center_update_and_teacher_temperature_schedule() -> None:
     assert torch.allclose(dino.center, expected, atol=1e-6)
 
 
+def test_a_skipped_step_never_reaches_the_dino_centre() -> None:
+    """The engine calls after_skipped_step for a non-finite step: its teacher outputs are dropped, so
+    the next centre update averages the next step's outputs only."""
+    from ssl_vit.engine.ema import Teacher
+
+    dino = build("dino", local_crops=0)
+    assert isinstance(dino, DINO)
+    skipped = Batch(views=[torch.full((4, 1, 16, 16), float("nan"))] * 2, labels=torch.zeros(4))
+    kept = Batch(views=[torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)], labels=torch.zeros(4))
+    teacher, before = Teacher(dino), dino.center.clone()
+    dino(skipped)
+    teacher_after_skip = [p.clone() for p in dino.teacher_backbone.parameters()]
+    assert math.isnan(teacher.update(False, 0, 10))  # skipped: no EMA, no centre update
+    assert torch.equal(dino.center, before)
+    assert all(
+        torch.equal(a, b) for a, b in zip(teacher_after_skip, dino.teacher_backbone.parameters(), strict=True)
+    )
+    dino(kept)
+    with torch.no_grad():
+        outputs = dino.teacher_head(dino.teacher_backbone(torch.cat(kept.views)))  # (8, K)
+    dino.after_optimizer_step()  # what teacher.update(True, ...) ends with
+    assert torch.isfinite(dino.center).all()
+    torch.testing.assert_close(dino.center, 0.9 * before + 0.1 * outputs.mean(0, keepdim=True))
+
+
 def test_dino_local_crops_run_at_their_own_resolution() -> None:
     dino = build("dino", local_crops=3)
     lengths: list[int] = []

@@ -77,4 +77,6 @@ class Teacher:
                 momentum = self.objective.ema_momentum(step, total_steps)
                 ema_update(self.pairs, momentum)
             self.objective.after_optimizer_step()
+        else:
+            self.objective.after_skipped_step()
         return momentum

@@ -87,6 +87,9 @@ class Objective(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called after the optimiser step and the EMA update (e.g. DINO's centre update)."""
 
+    def after_skipped_step(self) -> None:
+        """Called instead when a step was skipped as non-finite: forget what its forward recorded."""
+
     @property
     def num_layers(self) -> int:
         """The backbone's layers for layer-wise lr decay (`optim.param_groups`); the top one has full lr."""

@@ -230,6 +230,10 @@ class DINO(Objective):
             for param in self.head.last_layer.parameters():
                 param.grad = None
 
+    def after_skipped_step(self) -> None:
+        """A skipped step's teacher outputs never reach the centre (they may hold the NaN)."""
+        self._center_sum, self._center_count = None, 0
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """c <- m * c + (1 - m) * mean of this step's teacher outputs over all processes (eq. 4)."""
