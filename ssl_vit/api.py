@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssl_vit.errors import CheckpointError, RecipeError
-from ssl_vit.rundir import RunDir
+from ssl_vit.rundir import CHECKPOINTS_DIR, RunDir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -235,9 +235,7 @@ def export(
     recipe = RunDir(run_dir).recipe()
     ckpts = RunDir(run_dir).list_checkpoints()
     if not ckpts:
-        raise CheckpointError(
-            f"{run_dir} has no complete checkpoint under {RunDir(run_dir).checkpoints.name}/"
-        )
+        raise CheckpointError(f"{run_dir} has no complete checkpoint under {CHECKPOINTS_DIR}/")
     weights = weights or default_weights(recipe.objective["name"])
     backbone = Backbone.from_config(recipe.model)
     loaded = backbone.load_timm_weights(backbone_state(load_model_weights(ckpts[-1]), weights))

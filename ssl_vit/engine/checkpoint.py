@@ -30,9 +30,6 @@ from ssl_vit.rundir import (
     list_checkpoints,
 )
 
-PREFIX, TMP_PREFIX = CKPT_PREFIX, CKPT_TMP_PREFIX
-MODEL_FILE, META_FILE = CKPT_MODEL_FILE, CKPT_META_FILE
-
 
 def contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses shared storage; clone so tied or expanded tensors save alone."""
@@ -59,18 +56,18 @@ def write_checkpoint(
     `blobs` maps a file name (`optimizer.pt`) to an object of tensors and plain values that
     `torch.load(weights_only=True)` can read back.
     """
-    final = ckpt_dir / f"{PREFIX}{step:08d}"
-    tmp = ckpt_dir / f"{TMP_PREFIX}{PREFIX}{step:08d}"
+    final = ckpt_dir / f"{CKPT_PREFIX}{step:08d}"
+    tmp = ckpt_dir / f"{CKPT_TMP_PREFIX}{CKPT_PREFIX}{step:08d}"
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_file(contiguous_state(model_state), str(tmp / MODEL_FILE))
+        save_file(contiguous_state(model_state), str(tmp / CKPT_MODEL_FILE))
         for name, obj in blobs.items():
             torch.save(obj, tmp / name)
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        (tmp / META_FILE).write_text(json.dumps({"step": step, "files": files, **meta}, indent=2))
+        (tmp / CKPT_META_FILE).write_text(json.dumps({"step": step, "files": files, **meta}, indent=2))
         for p in tmp.iterdir():
             _fsync(p)
         _fsync(tmp)
@@ -88,14 +85,14 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints (at least one) and no temporary folders."""
     for old in list_checkpoints(ckpt_dir)[: -max(keep_last, 1)]:
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in ckpt_dir.glob(f"{TMP_PREFIX}*"):
+    for tmp in ckpt_dir.glob(f"{CKPT_TMP_PREFIX}*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    path = ckpt / MODEL_FILE
+    path = ckpt / CKPT_MODEL_FILE
     if not path.is_file():
-        raise CheckpointError(f"{ckpt} holds no {MODEL_FILE}")
+        raise CheckpointError(f"{ckpt} holds no {CKPT_MODEL_FILE}")
     return load_file(str(path))
 
 

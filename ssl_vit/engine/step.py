@@ -56,21 +56,21 @@ def grad_norm(accelerator: Accelerator, model: nn.Module, clip: float | None, mo
     """Total gradient norm before clipping; unscales fp16 gradients first. With `clip`, mode
     "global" scales all gradients together to norm `clip` (torch's `clip_grad_norm_`); "per_param"
     clips each parameter's gradient to norm `clip` on its own, as the official DINO code does."""
-    if mode == "per_param" and clip is not None:
-        if accelerator.distributed_type == DistributedType.FSDP:
+    per_param = mode == "per_param" and clip is not None
+    if accelerator.distributed_type == DistributedType.FSDP:  # sharded gradients: FSDP's own norm
+        if per_param:
             raise RecipeError("optim.clip_mode: per_param needs whole gradients, and FSDP shards them")
-        accelerator.unscale_gradients()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
-            return torch.zeros(())
-        total = torch.nn.utils.get_total_norm(grads)
-        clip_per_param(grads, clip)
-        return total
-    if clip is not None or accelerator.distributed_type == DistributedType.FSDP:
         return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), clip or math.inf))
+    if clip is not None and not per_param:
+        return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), clip))
     accelerator.unscale_gradients()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads)
+    if clip is not None and per_param:
+        clip_per_param(grads, clip)
+    return total
 
 
 @torch.no_grad()
