@@ -36,6 +36,7 @@ _EXPLICIT_SIZES = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 # Layer 0 for layer-wise lr decay: everything before the first block (MAE's `lr_decay.py`).
 _EMBEDDINGS = frozenset({"cls_token", "reg_token", "dist_token", "pos_embed", "patch_embed"})
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
+INIT_SCHEMES = ("timm", "mae", "mocov3")
 
 
 def timm_model_args(cfg: ModelConfig) -> dict[str, Any]:
@@ -69,7 +70,7 @@ class Backbone(nn.Module):
     `num_prefix_tokens` (P: class and register tokens).
     """
 
-    def __init__(self, vit: nn.Module, fixed_sincos: bool = False) -> None:
+    def __init__(self, vit: nn.Module, fixed_sincos: bool = False, init: str = "timm") -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer):
             raise RecipeError(f"model '{type(vit).__name__}' is not a timm VisionTransformer")
@@ -79,6 +80,10 @@ class Backbone(nn.Module):
         self.patch_size: int = vit.patch_embed.patch_size[0]
         self.grid_size: tuple[int, int] = tuple(vit.patch_embed.grid_size)  # type: ignore[assignment]
         self.in_chans: int = vit.patch_embed.proj.in_channels
+        if init not in INIT_SCHEMES:
+            raise RecipeError(f"model.init must be one of {', '.join(INIT_SCHEMES)}, not '{init}'")
+        self.init_scheme = init
+        self._init_as(init)
         if fixed_sincos:
             self._set_fixed_sincos()
 
@@ -94,7 +99,39 @@ class Backbone(nn.Module):
             vit = timm.create_model(cfg.name, pretrained=False, **timm_model_args(cfg))
         except (TypeError, AssertionError, ValueError) as err:
             raise RecipeError(f"model: timm cannot build '{cfg.name}' with {asdict(cfg)}: {err}") from None
-        return cls(vit, fixed_sincos=cfg.pos_embed == "sincos")
+        return cls(vit, fixed_sincos=cfg.pos_embed == "sincos", init=cfg.init)
+
+    def _init_as(self, scheme: str) -> None:
+        """Redraw the weights as the named code base initialises its ViT; `timm` keeps timm's init.
+
+        `mae` (MAE `models_mae.py` `initialize_weights`): every linear layer xavier-uniform (qkv as
+        one matrix) with zero bias, the patch projection xavier-uniform over its flattened fan-in
+        (bias as PyTorch draws it), the class token normal(0, 0.02). `mocov3` (MoCo v3 `vits.py`
+        `VisionTransformerMoCo.__init__`): linear layers xavier-uniform with zero bias, but q, k and v
+        each with their own fan-out (bound sqrt(6 / (3D/3 + D))); the patch projection the same
+        xavier bound with zero bias; the class token normal(0, 1e-6). Both keep LayerNorm at 1 and 0,
+        as timm builds it. Their fixed sin-cos position embedding is `model.pos_embed: sincos`.
+        """
+        if scheme == "timm":
+            return
+        for name, module in self.vit.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if scheme == "mocov3" and name.endswith("qkv"):
+                bound = math.sqrt(6.0 / (module.out_features // 3 + module.in_features))
+                nn.init.uniform_(module.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        proj = self.vit.patch_embed.proj
+        with torch.no_grad():
+            nn.init.xavier_uniform_(proj.weight.view(proj.out_channels, -1))
+            if scheme == "mocov3" and proj.bias is not None:
+                proj.bias.zero_()
+        cls_token = self.vit.cls_token
+        if cls_token is not None:
+            nn.init.normal_(cls_token, std=0.02 if scheme == "mae" else 1e-6)
 
     def _set_fixed_sincos(self) -> None:
         """Fixed 2-D sin-cos position embeddings (MAE); prefix positions are zero."""
@@ -267,11 +304,10 @@ class Backbone(nn.Module):
         projection is its cure for training instability, Chen et al. 2021, sec. 4.2)."""
         proj = self.vit.patch_embed.proj
         if reinit:
-            fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
-            bound = math.sqrt(6.0 / (fan_in + proj.out_channels))
-            nn.init.uniform_(proj.weight, -bound, bound)
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+            with torch.no_grad():
+                nn.init.xavier_uniform_(proj.weight.view(proj.out_channels, -1))  # bound over C*p*p + D
+                if proj.bias is not None:
+                    proj.bias.zero_()
         proj.requires_grad_(False)
 
     @property
@@ -361,13 +397,14 @@ class Backbone(nn.Module):
         return resample_abs_pos_embed(value, new_size=grid, old_size=[side, side], num_prefix_tokens=prefix)
 
     def reset_parameters(self, seed: int) -> None:
-        """Fresh weights with timm's own initialisation (the random-init baseline); the global RNG is
-        left untouched. Fixed sin-cos position embeddings stay fixed."""
+        """Fresh weights with this backbone's initialisation scheme (the random-init baseline); the
+        global RNG is left untouched. Fixed sin-cos position embeddings stay fixed."""
         pos = self.vit.pos_embed
         fixed_sincos = pos is not None and not pos.requires_grad
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.vit.init_weights()
+            self._init_as(self.init_scheme)
         if fixed_sincos:
             self._set_fixed_sincos()
 

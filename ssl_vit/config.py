@@ -44,6 +44,7 @@ class ModelConfig:
     global_pool: str = "token"  # token | avg
     drop_path_rate: float = 0.0
     pos_embed: str = "learned"  # learned | sincos (fixed 2-D sin-cos, as MAE)
+    init: str = "timm"  # timm | mae | mocov3: the weight initialisation of that code base
     init_from: str | None = None
 
 
@@ -85,6 +86,7 @@ class OptimConfig:
     clip_mode: str = "global"  # global: one norm over all gradients | per_param: each its own (DINO)
     accum_steps: int = 1
     layer_decay: float | None = None
+    no_decay: str = "timm"  # timm: biases, norms, tokens | 1d: biases, norms (MAE, DINO) | none (MoCo v3)
 
 
 @dataclass

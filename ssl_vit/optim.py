@@ -43,8 +43,23 @@ def scaled_lr(lr: float, global_batch: int, rule: str) -> float:
     raise ValueError(f"optim.lr_scaling must be 'none' or 'linear', not '{rule}'")
 
 
-def is_no_decay(name: str, param: nn.Parameter, extra: Iterable[str] = ()) -> bool:
-    """Biases and norm weights (<= 1-D), tokens and position embeddings (by name) get no decay."""
+NO_DECAY_RULES = ("timm", "1d", "none")
+
+
+def is_no_decay(name: str, param: nn.Parameter, extra: Iterable[str] = (), rule: str = "timm") -> bool:
+    """Whether `name` is exempt from weight decay under `rule` (`optim.no_decay`).
+
+    `timm`: biases and norm weights (<= 1-D), tokens and position embeddings (by name), and `extra`.
+    `1d`: biases and <= 1-D tensors only, so class and mask tokens decay, as the official MAE
+    (`main_pretrain.py` via timm's old `add_weight_decay`) and DINO (`utils.get_params_groups`).
+    `none`: every parameter decays, as the official MoCo v3 (`main_moco.py`: `AdamW(model.parameters())`).
+    """
+    if rule == "none":
+        return False
+    if rule == "1d":
+        return param.ndim <= 1 or name.endswith(".bias")
+    if rule != "timm":
+        raise ValueError(f"optim.no_decay must be one of {', '.join(NO_DECAY_RULES)}, not '{rule}'")
     leaf = name.rpartition(".")[2]
     return param.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_LEAVES or name in set(extra)
 
@@ -64,12 +79,13 @@ def param_groups(
     weight_decay: float,
     no_decay: Iterable[str] = (),
     layer_decay: float | None = None,
+    rule: str = "timm",
 ) -> list[dict[str, object]]:
     """AdamW groups keyed by (decay or not, lr scale). Frozen parameters are left out.
 
     With `layer_decay` the model must be `Layered`: parameter `name` gets the lr scale
     `layer_decay ** (num_layers - layer_id(name))`, 1 on the top layer and smallest on the embeddings
-    (layer 0). Each group carries `apply_wd` (whether the weight-decay schedule applies), `lr_scale`
+    (layer 0). `rule` says which parameters get no decay (`is_no_decay`). Each group carries `apply_wd` (whether the weight-decay schedule applies), `lr_scale`
     (the engine sets `lr = lr_now * lr_scale`) and `param_names` (for tests and debugging).
     """
     skip = set(no_decay)
@@ -83,7 +99,7 @@ def param_groups(
         scales = {n: layer_decay ** (model.num_layers - model.layer_id(n)) for n, _ in named}
     groups: dict[tuple[bool, float], dict[str, object]] = {}
     for name, param in named:
-        decays = not is_no_decay(name, param, skip)
+        decays = not is_no_decay(name, param, skip, rule)
         scale = scales.get(name, 1.0)
         group = groups.setdefault(
             (decays, scale),

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -109,6 +111,40 @@ def test_freeze_patch_embed_keeps_or_redraws_the_projection(tiny_backbone: Backb
     weight = tiny_backbone.vit.patch_embed.proj.weight
     assert not torch.equal(weight, before["vit.patch_embed.proj.weight"])
     assert weight.abs().max() <= (6 / (16 + 32)) ** 0.5 and not weight.requires_grad
+
+
+def _uniform_with_bound(weight: torch.Tensor, bound: float) -> bool:
+    """Drawn from U(-bound, bound): inside it, reaching near it, with std bound / sqrt(3)."""
+    w = weight.detach().flatten()
+    return bool(w.abs().max() <= bound and w.abs().max() > 0.9 * bound) and abs(
+        float(w.std()) - bound / math.sqrt(3)
+    ) < 0.1 * bound / math.sqrt(3)
+
+
+@pytest.mark.parametrize("scheme", ["mae", "mocov3"])
+def test_official_initialisations_follow_their_formulas(scheme: str) -> None:
+    # Width D=64, 4 heads, patch 4 on 1 channel: qkv is (3D, D), fc1 (4D, D), the patch projection
+    # (D, 1*4*4). MAE: xavier over the whole qkv, bound sqrt(6 / (3D + D)); MoCo v3: over each of q,
+    # k and v, bound sqrt(6 / (D + D)). Patch projection: xavier over its flattened fan-in.
+    dim = 64
+    backbone = Backbone.from_config(tiny_model_config(embed_dim=dim, num_heads=4, init=scheme))
+    block = backbone.vit.blocks[0]
+    qkv_bound = math.sqrt(6 / (dim + dim)) if scheme == "mocov3" else math.sqrt(6 / (4 * dim))
+    assert _uniform_with_bound(block.attn.qkv.weight, qkv_bound)
+    assert _uniform_with_bound(block.mlp.fc1.weight, math.sqrt(6 / (dim + 4 * dim)))
+    assert _uniform_with_bound(block.attn.proj.weight, math.sqrt(6 / (dim + dim)))
+    assert not block.attn.qkv.bias.any() and not block.mlp.fc2.bias.any()
+    proj = backbone.vit.patch_embed.proj
+    assert _uniform_with_bound(proj.weight, math.sqrt(6 / (16 + dim)))
+    assert (not proj.bias.any()) == (scheme == "mocov3")  # MAE leaves PyTorch's conv bias
+    cls_std = float(backbone.vit.cls_token.detach().std())
+    assert 0.01 < cls_std < 0.03 if scheme == "mae" else cls_std < 1e-5
+    timm_qkv = Backbone.from_config(tiny_model_config(embed_dim=dim, num_heads=4)).vit.blocks[0].attn.qkv
+    assert float(timm_qkv.weight.detach().std()) < 0.03  # timm's trunc-normal(0.02): a different draw
+    backbone.reset_parameters(seed=1)  # the random-init baseline keeps the scheme
+    assert _uniform_with_bound(backbone.vit.blocks[0].attn.qkv.weight, qkv_bound)
+    with pytest.raises(RecipeError, match="model.init"):
+        Backbone.from_config(tiny_model_config(init="jax"))
 
 
 def test_layer_id_puts_embeddings_first_then_the_blocks_and_heads_on_top() -> None:

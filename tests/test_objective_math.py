@@ -289,9 +289,23 @@ def test_dino_center_update_and_teacher_temperature_schedule() -> None:
     )
     assert isinstance(dino, DINO)
     assert dino.views().local_size == 8 and dino.views().local_views == 2
-    for step, expected in [(0, 0.04), (10, 0.05), (20, 0.06), (30, 0.07), (95, 0.07)]:
+    # The official schedule: np.linspace(0.04, 0.07, 3) indexed by the whole epoch, then 0.07.
+    official = [0.04, 0.055, 0.07]
+    for step in range(0, 100, 5):
         dino.set_progress(step, 100, 10)
-        assert dino.teacher_temp == pytest.approx(expected)
+        epoch = step // 10
+        assert dino.teacher_temp == pytest.approx(official[epoch] if epoch < 3 else 0.07)
+    per_step = build(
+        "dino",
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=3.0,
+        warmup_teacher_temp_per="step",
+    )
+    assert isinstance(per_step, DINO)
+    for step, expected in [(0, 0.04), (10, 0.05), (15, 0.055), (20, 0.06), (30, 0.07), (95, 0.07)]:
+        per_step.set_progress(step, 100, 10)
+        assert per_step.teacher_temp == pytest.approx(expected)
     batch = Batch(
         views=[
             torch.randn(4, 1, 16, 16),

@@ -87,6 +87,26 @@ def test_tokens_are_not_decayed_by_name_whatever_their_shape() -> None:
     assert "frozen" not in table
 
 
+def test_no_decay_rules_of_the_official_code() -> None:
+    # 1d (MAE, DINO): only biases and <= 1-D tensors are exempt, so the 3-D tokens decay;
+    # none (MoCo v3): everything decays, norms and biases included.
+    one_d = _scale_and_decay(param_groups(_WithTokens(), 0.05, rule="1d"))
+    exempt = {n for n, (_, decays) in one_d.items() if not decays}
+    assert exempt == {
+        "backbone.vit.patch_embed.bias",
+        "backbone.vit.blocks.0.bias",
+        "backbone.vit.blocks.1.bias",
+    } | {
+        "backbone.vit.norm.weight",
+        "backbone.vit.norm.bias",
+        "head.bias",
+    }
+    everything = _scale_and_decay(param_groups(_WithTokens(), 0.05, rule="none"))
+    assert all(decays for _, decays in everything.values()) and len(everything) == len(one_d)
+    with pytest.raises(ValueError, match="optim.no_decay"):
+        param_groups(_WithTokens(), 0.05, rule="tokens")
+
+
 def _tiny_supervised() -> torch.nn.Module:
     from ssl_vit.backbone import Backbone
 

@@ -17,7 +17,7 @@ from ssl_vit.config import CkptConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.engine.stream import BatchStream
 from ssl_vit.errors import CheckpointError, RecipeError
 from ssl_vit.objectives.base import Objective
-from ssl_vit.optim import adamw, cosine_schedule, param_groups, scaled_lr
+from ssl_vit.optim import NO_DECAY_RULES, adamw, cosine_schedule, param_groups, scaled_lr
 
 
 @dataclass
@@ -53,6 +53,10 @@ def check_config(optim: OptimConfig, train: TrainConfig, ckpt: CkptConfig, logcf
         raise RecipeError(f"optim.lr_scaling must be 'none' or 'linear', not '{optim.lr_scaling}'")
     if optim.clip_mode not in ("global", "per_param"):
         raise RecipeError(f"optim.clip_mode must be 'global' or 'per_param', not '{optim.clip_mode}'")
+    if optim.no_decay not in NO_DECAY_RULES:
+        raise RecipeError(
+            f"optim.no_decay must be one of {', '.join(NO_DECAY_RULES)}, not '{optim.no_decay}'"
+        )
     if train.max_bad_steps < 1:
         raise RecipeError(f"train.max_bad_steps must be at least 1, got {train.max_bad_steps}")
     if ckpt.every_steps is not None and ckpt.every_steps < 1:
@@ -123,7 +127,9 @@ def make_plan(accelerator: Accelerator, stream: BatchStream, optim: OptimConfig,
 
 def make_optimizer(objective: Objective, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW over `param_groups`: no weight decay where the objective says, optional layer decay."""
-    groups = param_groups(objective, optim.weight_decay, objective.no_weight_decay(), optim.layer_decay)
+    groups = param_groups(
+        objective, optim.weight_decay, objective.no_weight_decay(), optim.layer_decay, rule=optim.no_decay
+    )
     return adamw(groups, lr, (optim.betas[0], optim.betas[1]))
 
 

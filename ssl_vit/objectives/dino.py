@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ class DINOConfig:
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 0.0
+    warmup_teacher_temp_per: str = "epoch"  # epoch: the official schedule | step: smooth, for short runs
     center_momentum: float = 0.9
     momentum: float = 0.996  # teacher EMA, raised to 1 along a cosine
     local_crops: int = 8
@@ -127,7 +129,8 @@ class DINO(Objective):
     their own small resolution (the backbone resamples its position embeddings), which is what
     keeps multi-crop cheap in memory. The centre (a running mean of teacher outputs, over all
     processes) is updated after each optimiser step from the outputs this step recorded; the
-    teacher temperature warms up linearly per step over `warmup_teacher_temp_epochs`; the last
+    teacher temperature warms up linearly over `warmup_teacher_temp_epochs`, one value per epoch as
+    the official code (or per step, for runs of few epochs); the last
     layer's gradients are dropped during the first `freeze_last_layer_epochs` (appendix D).
     """
 
@@ -145,6 +148,8 @@ class DINO(Objective):
             or min(cfg.teacher_temp, cfg.warmup_teacher_temp) <= 0
         ):
             raise RecipeError("objective: local_crops must be >= 0 and the temperatures positive")
+        if cfg.warmup_teacher_temp_per not in ("epoch", "step"):
+            raise RecipeError("objective.warmup_teacher_temp_per must be 'epoch' or 'step'")
         if len(cfg.global_scale) != 2 or len(cfg.local_scale) != 2:
             raise RecipeError("objective.global_scale and local_scale are [min, max] area fractions")
         self.cfg = cfg
@@ -182,14 +187,24 @@ class DINO(Objective):
         return cosine_momentum(self.cfg.momentum, step, total_steps)
 
     def teacher_temperature(self, epoch: float) -> float:
-        """Linear warm-up from `warmup_teacher_temp` to `teacher_temp`, then constant (sec. 3.1)."""
-        warm = self.cfg.warmup_teacher_temp_epochs
+        """Linear warm-up from `warmup_teacher_temp` to `teacher_temp` over the warm-up epochs, then
+        constant (paper, implementation details: 0.04 -> 0.07 over the first 30 epochs).
+
+        Per epoch as the official `main_dino.py` (`DINOLoss.teacher_temp_schedule`): epoch e gets entry
+        e of `np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)`, so the final value is
+        reached in the last warm-up epoch. With `warmup_teacher_temp_per: step` the same line is
+        followed continuously, reaching `teacher_temp` when the warm-up ends.
+        """
+        cfg = self.cfg
+        warm, start, end = cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp, cfg.teacher_temp
         if epoch >= warm:
-            return self.cfg.teacher_temp
-        return (
-            self.cfg.warmup_teacher_temp
-            + (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp) * epoch / warm
-        )
+            return end
+        if cfg.warmup_teacher_temp_per == "step":
+            return start + (end - start) * epoch / warm
+        entries = math.ceil(warm)  # linspace points, one per warm-up epoch
+        if entries == 1:
+            return start
+        return start + (end - start) * math.floor(epoch) / (entries - 1)
 
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         self.epoch = step / max(steps_per_epoch, 1)
