@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from ssl_vit import objectives
@@ -76,6 +78,32 @@ def registered_objective(name: str, cls: type[Objective]) -> Iterator[None]:
         objectives.unregister(name)
         if previous is not None:
             objectives.register(name)(previous)
+
+
+# ---------------------------------------------------------------- several processes
+def run_processes(
+    fn: Callable[..., None], world: int, tmp_path: Path, *args: Any, backend: str = "gloo"
+) -> None:
+    """`fn(rank, world, *args)` in `world` processes joined in one process group (file:// rendezvous).
+
+    gloo forks where it can: the children reuse the imported modules (spawn re-imports torch and
+    timm, ~30x slower). NCCL spawns, as CUDA does not survive a fork; there `fn` must be importable.
+    """
+    method = "fork" if backend == "gloo" and "fork" in mp.get_all_start_methods() else "spawn"
+    init = str(tmp_path / f"init-{backend}")
+    mp.start_processes(
+        _in_group, args=(world, backend, init, fn, args), nprocs=world, join=True, start_method=method
+    )
+
+
+def _in_group(rank: int, world: int, backend: str, init: str, fn: Callable[..., None], args: tuple) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- synthetic features

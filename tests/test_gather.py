@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from ssl_vit.objectives._shared import all_reduce_mean, gather_with_grad
 from ssl_vit.objectives.mocov3 import moco_loss
 from ssl_vit.objectives.simclr import nt_xent
+from tests.conftest import run_processes
 
 BATCH, DIM, TAU = 8, 12, 0.2
 
@@ -42,27 +42,19 @@ def _losses(part: slice) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        per = BATCH // world
-        out = _losses(slice(rank * per, (rank + 1) * per))
-        for key in [k for k in out if k.endswith("grad")]:
-            dist.all_reduce(out[key])
-            out[key] /= world  # DDP's gradient average
-        out["gathered"] = gather_with_grad(torch.full((2, 3), float(rank)))
-        out["center"] = all_reduce_mean(torch.full((1, 4), float(rank)))
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    per = BATCH // world
+    out = _losses(slice(rank * per, (rank + 1) * per))
+    for key in [k for k in out if k.endswith("grad")]:
+        dist.all_reduce(out[key])
+        out[key] /= world  # DDP's gradient average
+    out["gathered"] = gather_with_grad(torch.full((2, 3), float(rank)))
+    out["center"] = all_reduce_mean(torch.full((1, 4), float(rank)))
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
 
 
 def test_two_process_loss_and_gradient_equal_single_process(tmp_path: Path) -> None:
-    # fork: the children reuse the imported modules (spawn re-imports torch and timm: ~30x slower)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(
-        _worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method=method
-    )
+    run_processes(_worker, 2, tmp_path, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = _losses(slice(0, BATCH))
     for name in ("simclr", "moco"):

@@ -36,6 +36,9 @@ class DINOConfig:
     bottleneck_dim: int = 128
     head_layers: int = 3
     head_bn: bool = True  # official `use_bn_in_head` (off there); see above
+    # head_bn's statistics over every process's crops: the official `main_dino.py` converts student
+    # and teacher with `nn.SyncBatchNorm.convert_sync_batchnorm` when the head has BatchNorm
+    global_bn: bool = True
     norm_last_layer: bool = True
     freeze_last_layer_epochs: float = 1.0
     student_temp: float = 0.1
@@ -81,7 +84,13 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, cfg: DINOConfig) -> None:
         super().__init__()
         self.mlp = mlp(
-            in_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, norm=cfg.head_bn, act=nn.GELU
+            in_dim,
+            cfg.hidden_dim,
+            cfg.bottleneck_dim,
+            cfg.head_layers,
+            norm=cfg.head_bn,
+            act=nn.GELU,
+            global_bn=cfg.global_bn,
         )
         init_linear(self.mlp)
         self.last_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, cfg.norm_last_layer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -27,6 +28,9 @@ class MoCoV3Config:
     mlp_dim: int = 1024
     momentum: float = 0.99  # base momentum, raised to 1 along a cosine
     freeze_patch_proj: bool = False  # the paper's stability trick (sec. 4.2)
+    # BatchNorm statistics over every process's images: the official `main_moco.py` applies
+    # `torch.nn.SyncBatchNorm.convert_sync_batchnorm` to the whole model, momentum branch included
+    global_bn: bool = True
 
 
 def moco_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
@@ -67,8 +71,9 @@ class MoCoV3(Objective):
         self.cfg = cfg
         if cfg.freeze_patch_proj:
             backbone.freeze_patch_embed(reinit=True)
-        self.projector = mlp(backbone.embed_dim, cfg.mlp_dim, cfg.dim, 3, last_norm=True, bias=False)
-        self.predictor = mlp(cfg.dim, cfg.mlp_dim, cfg.dim, 2, last_norm=True, bias=False)
+        head = partial(mlp, last_norm=True, bias=False, global_bn=cfg.global_bn)
+        self.projector = head(backbone.embed_dim, cfg.mlp_dim, cfg.dim, 3)
+        self.predictor = head(cfg.dim, cfg.mlp_dim, cfg.dim, 2)
         self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
@@ -80,7 +85,8 @@ class MoCoV3(Objective):
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         # One backbone pass over both views (LayerNorm only, so this changes nothing), but the
-        # BatchNorm heads see each view as its own batch, as in the official code.
+        # BatchNorm heads see each view as its own batch (over all processes with global_bn), as in
+        # the official code.
         both = torch.cat([batch.views[0], batch.views[1]])  # (2B, C, H, W)
         h1, h2 = self.backbone(both).chunk(2)  # (B, D) each
         q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))  # (B, d)

@@ -25,6 +25,8 @@ class SimCLRConfig:
     proj_hidden_dim: int = 512
     proj_dim: int = 128
     proj_layers: int = 2  # 2 in SimCLR v1, 3 in v2
+    # BatchNorm statistics over every process's images, the paper's "global BN" (sec. 2.3)
+    global_bn: bool = True
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
@@ -68,7 +70,9 @@ class SimCLR(Objective):
         if cfg.proj_layers < 1:
             raise RecipeError(f"objective.proj_layers must be at least 1, got {cfg.proj_layers}")
         self.cfg = cfg
-        self.projector = mlp(backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
+        self.projector = mlp(
+            backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, global_bn=cfg.global_bn
+        )
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         x1, x2 = batch.views[0], batch.views[1]  # (B, C, H, W) each
