@@ -32,6 +32,6 @@ objectives() {
 engine() {
   step python3 bench/engine.py --device cuda --precision bf16 --preset vit_s16_224 --out "$OUT/engine-cuda-bf16.json"
   step python3 bench/features.py --model vit_base_patch16_224 --img-size 224 --images 4096 --batch-size 256 --device cuda --out "$OUT/features-cuda.json"
-  step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py
+  step python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_fsdp.py tests/test_global_bn.py
 }
 for section in $SECTIONS; do $section; done

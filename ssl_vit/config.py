@@ -96,6 +96,7 @@ class TrainConfig:
     max_steps: int | None = None  # overrides epochs, for quick runs
     mixed_precision: str = "no"  # no | bf16 | fp16
     cpu: bool = False  # force the CPU even where a GPU is present
+    strategy: str = "ddp"  # ddp: whole model per process | fsdp: parameters sharded (GPUs only)
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops
 
 

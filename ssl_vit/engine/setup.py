@@ -11,7 +11,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, is_tensorboard_available
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    FullyShardedDataParallelPlugin,
+    GradientAccumulationPlugin,
+    is_tensorboard_available,
+)
 
 from ssl_vit.config import CkptConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.engine.stream import BatchStream
@@ -57,6 +62,10 @@ def check_config(optim: OptimConfig, train: TrainConfig, ckpt: CkptConfig, logcf
         raise RecipeError(
             f"optim.no_decay must be one of {', '.join(NO_DECAY_RULES)}, not '{optim.no_decay}'"
         )
+    if train.strategy not in ("ddp", "fsdp"):
+        raise RecipeError(f"train.strategy must be 'ddp' or 'fsdp', not '{train.strategy}'")
+    if train.strategy == "fsdp" and use_cpu(train):
+        raise RecipeError("train.strategy: fsdp needs GPUs (accelerate shards on CUDA devices only); use ddp")
     if train.max_bad_steps < 1:
         raise RecipeError(f"train.max_bad_steps must be at least 1, got {train.max_bad_steps}")
     if ckpt.every_steps is not None and ckpt.every_steps < 1:
@@ -81,11 +90,26 @@ def processes(train: TrainConfig) -> PartialState:
     return PartialState(cpu=use_cpu(train))
 
 
+def fsdp_plugin() -> FullyShardedDataParallelPlugin:
+    """FSDP2 (`fully_shard`) with each timm transformer `Block` a unit, the student's and the
+    teacher's alike; checkpoints gather full state dicts, so they resume on any process count and
+    export to plain timm like DDP ones (`engine/state.py`)."""
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["Block"],
+        state_dict_type="FULL_STATE_DICT",
+        reshard_after_forward=True,
+        cpu_ram_efficient_loading=False,
+    )
+
+
 def make_accelerator(
     train: TrainConfig, optim: OptimConfig, logcfg: LogConfig, run_dir: Path, seed: int
 ) -> Accelerator:
     return Accelerator(
         cpu=use_cpu(train),
+        fsdp_plugin=fsdp_plugin() if train.strategy == "fsdp" else None,
         mixed_precision=train.mixed_precision,
         # Accumulation windows run across epoch ends: a step is always `accum_steps` micro-batches.
         gradient_accumulation_plugin=GradientAccumulationPlugin(
