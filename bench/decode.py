@@ -1,0 +1,118 @@
+"""Per-core JPEG decode and augmentation rate at ImageNet size: what sizes the loader of a GPU.
+
+Each image goes through what the shard stream does to it in a worker: `decode_sample` (PIL decode
+of the JPEG bytes to a uint8 tensor) and the objective's crops (`MultiView.crops`), then the batched
+colour and normalisation (`MultiView.finish`) per batch of 64. One process, one thread: the rate of
+one loader worker on one core. Images: procedural scenes (`shapes` upscaled, with noise so the JPEG
+is as large as a photo's), 500x375 at quality 90 like the mean ImageNet-1k train image (~110 KB).
+
+    python bench/decode.py --out bench/results/decode-cpu.json
+    python bench/decode.py --images 200 --objectives mae dino
+
+Results go to JSON with the machine's description; run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ssl_vit import objectives  # noqa: E402
+from ssl_vit.backbone import Backbone  # noqa: E402
+from ssl_vit.config import DataConfig, ModelConfig  # noqa: E402
+from ssl_vit.data.safety import decode_sample  # noqa: E402
+from ssl_vit.data.shapes import render  # noqa: E402
+from ssl_vit.data.views import MultiView  # noqa: E402
+
+WIDTH, HEIGHT = 500, 375
+BATCH = 64
+
+
+def photo_like_jpegs(n: int) -> list[bytes]:
+    """`n` JPEGs of WIDTH x HEIGHT: a shapes scene upscaled, plus sensor-like noise (photo-sized files)."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([11, i])
+        scene = Image.fromarray(render(i % 10, rng)).resize((WIDTH, HEIGHT), Image.Resampling.BICUBIC)
+        noisy = np.asarray(scene, dtype=np.int16) + rng.normal(0, 25, (HEIGHT, WIDTH, 3)).astype(np.int16)
+        buffer = io.BytesIO()
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def views_of(objective: str) -> MultiView:
+    """The ImageNet recipes' views of `objective` at 224 px (DINO: 2 x 224 + 10 x 96)."""
+    model = ModelConfig(name="vit_tiny_patch16_224", img_size=224, depth=1)
+    options: dict[str, Any] = {"name": objective}
+    if objective == "dino":
+        options.update(local_crops=10, local_size=96, global_scale=[0.25, 1.0], local_scale=[0.05, 0.25])
+    spec = objectives.build(options, Backbone.from_config(model), num_classes=1000).views()
+    data = DataConfig(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    return MultiView.for_data(spec, 224, 3, data)
+
+
+def measure(jpegs: list[bytes], views: MultiView | None) -> float:
+    """Images per second through decode (+ crops + batched colour when `views` is given)."""
+    start = time.perf_counter()
+    pending: list[list[torch.Tensor]] = []
+    for i, data in enumerate(jpegs):
+        image, _ = decode_sample({"__key__": str(i), "jpg": data}, 3)
+        if views is not None:
+            pending.append(views.crops(image))
+            if len(pending) == BATCH:
+                views.finish([torch.stack(v) for v in zip(*pending, strict=True)])
+                pending = []
+    return len(jpegs) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=640)
+    parser.add_argument("--objectives", nargs="+", default=["supervised", "mae", "simclr", "dino"])
+    parser.add_argument("--repeats", type=int, default=3, help="best of N passes")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    jpegs = photo_like_jpegs(args.images)
+    kb = sum(map(len, jpegs)) / len(jpegs) / 1024
+    rows = [
+        {"pipeline": "decode only", "images_per_s": max(measure(jpegs, None) for _ in range(args.repeats))}
+    ]
+    for name in args.objectives:
+        views = views_of(name)
+        rate = max(measure(jpegs, views) for _ in range(args.repeats))
+        rows.append({"pipeline": f"decode + {name} views", "images_per_s": rate})
+    print(f"{args.images} JPEGs of {WIDTH}x{HEIGHT}, mean {kb:.0f} KB; one thread")
+    for row in rows:
+        print(f"{row['pipeline']:<28} {row['images_per_s']:8.1f} img/s per core")
+    if args.out:
+        record = {
+            "images": args.images,
+            "size": [WIDTH, HEIGHT],
+            "mean_kb": kb,
+            "threads": 1,
+            "machine": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "rows": rows,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
