@@ -125,6 +125,19 @@ def test_user_mistakes_exit_2(
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
 
 
+def test_demo_short_runs_get_a_faster_teacher_that_user_overrides_replace(tmp_path: Path) -> None:
+    from ssl_vit.config import load_recipe
+
+    jobs = {job.name: job for job in demo_runs.demo_jobs("digits", 1.0, tmp_path)}
+    momentum = {
+        name: load_recipe(job.recipe, job.overrides).objective.get("momentum") for name, job in jobs.items()
+    }
+    assert momentum["dino"] == 0.96 and momentum["mocov3"] == 0.9  # recipes: 0.99 and 0.96
+    assert load_recipe("digits/dino").objective["momentum"] == 0.99
+    mine = demo_runs.demo_jobs("digits", 1.0, tmp_path, ["objective.momentum=0.995"], only=["dino"])
+    assert load_recipe(mine[0].recipe, mine[0].overrides).objective["momentum"] == 0.995
+
+
 def test_demo_on_digits_at_a_tiny_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
