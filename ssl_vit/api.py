@@ -606,15 +606,20 @@ def shards(
     val_fraction: float = 0.0,
     strict: bool = False,
     seed: int = 0,
+    labels: str = "auto",
+    workers: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Write WebDataset shards (`train-%06d.tar`, `val-`, `test-`) and `manifest.json` from a
-    built-in set, an image folder or a CSV/TSV of paths; returns the manifest.
+    built-in set, a folder of images (`labels`: auto, folders or none) or a CSV/TSV of paths, with
+    `workers` processes (default: the cores); returns the manifest. Run again after an
+    interruption, it continues from the last complete shard.
 
         manifest = ssl_vit.shards("photos/", "shards/photos", val_fraction=0.05)
     """
     from ssl_vit.data.shards import write_shards
 
-    return write_shards(src, Path(out), shard_size, val_fraction, strict, seed)
+    return write_shards(src, Path(out), shard_size, val_fraction, strict, seed, labels, workers, progress)
 
 
 __all__ = ["compare", "demo", "export", "finetune", "knn", "pretrain", "probe", "shards"]

@@ -395,13 +395,31 @@ def _run_show(args: argparse.Namespace) -> None:
 def _add_shards(sub: Subparsers) -> None:
     p = sub.add_parser(
         "shards",
-        help="write WebDataset shards from a built-in set, an image folder or a CSV",
-        description="Write DIR/train-%06d.tar (and val-/test-) plus DIR/manifest.json.",
+        help="write WebDataset shards from a built-in set, a folder of images or a CSV",
+        description="Write DIR/train-%06d.tar (and val-/test-) plus DIR/manifest.json. Run again after "
+        "an interruption, it continues from the last complete shard.",
     )
     p.add_argument(
-        "src", help="digits, shapes[:TRAIN:TEST], an ImageFolder dir, or a CSV/TSV of path[,label]"
+        "src",
+        help="digits, shapes[:TRAIN:TEST], a folder of images (flat, nested or class folders), "
+        "or a CSV/TSV of path[,label]",
     )
-    p.add_argument("--out", type=Path, required=True, help="output folder (must not hold shards yet)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (must not hold shards, but an unfinished write)",
+    )
+    p.add_argument(
+        "--labels",
+        default="auto",
+        choices=["auto", "folders", "none"],
+        help="folders: each first-level sub-folder is a class; none: unlabelled; auto (default): folders "
+        "when every image sits in one of at least two sub-folders, else none",
+    )
+    p.add_argument(
+        "--workers", type=int, help="processes that decode and check images (default: the available cores)"
+    )
     p.add_argument(
         "--shard-size", type=int, default=None, help="samples per shard (default 1000; built-in: 16 shards)"
     )
@@ -422,11 +440,15 @@ def _run_shards(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction,
         strict=args.strict,
         seed=args.seed,
+        labels=args.labels,
+        workers=args.workers,
+        progress=sys.stderr.isatty(),
     )
     splits = ", ".join(
         f"{name} {s['count']} in {len(s['shards'])} shards" for name, s in manifest["splits"].items()
     )
-    print(f"wrote {splits} -> {args.out} (skipped {manifest['skipped']['count']} unreadable)")
+    labels = f"{len(manifest['classes'])} classes" if manifest["labelled"] else "no labels"
+    print(f"wrote {splits}, {labels} -> {args.out} (skipped {manifest['skipped']['count']} unreadable)")
 
 
 COMMANDS: dict[str, tuple[Callable[[Subparsers], None], Callable[[argparse.Namespace], None]]] = {
