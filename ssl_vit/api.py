@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ssl_vit.errors import CheckpointError, RecipeError
+from ssl_vit.errors import CheckpointError, DataError, RecipeError
 from ssl_vit.rundir import CHECKPOINTS_DIR, RunDir
 
 if TYPE_CHECKING:
@@ -62,29 +62,36 @@ def pretrain(
 
     from ssl_vit import data, objectives
     from ssl_vit.config import save_recipe
-    from ssl_vit.data import class_names, train_loader
+    from ssl_vit.data import class_names, has_labels, prepare, train_loader
     from ssl_vit.engine.loop import FitConfig, Reporting, ensure_writable, fit, processes
     from ssl_vit.eval.monitor import online_every, online_monitor
     from ssl_vit.model_card import write_model_card
     from ssl_vit.pretrained import backbone_from_config
 
     r = recipe_obj
-    objectives.get(r.objective["name"])  # unknown objective: fail before any work
+    kind = objectives.get(r.objective["name"])  # unknown objective: fail before any work
     world = processes(r.train)  # under torchrun: this rank among all; fit's Accelerator reuses it
     run_dir, ckpt = broadcast_object_list([run_dir, ckpt])  # one timestamped default for all ranks
     run = RunDir(run_dir)
     main = world.is_main_process
+    cached = prepare(r.data.train, r.data.cache_dir)  # a folder or table: its shards, written once
+    data_cfg = replace(r.data, train=str(cached)) if cached else r.data
+    if kind.needs_labels and not has_labels(data_cfg.train, cache_dir=r.data.cache_dir):
+        raise DataError(
+            f"objective '{r.objective['name']}' needs labels, but data.train '{r.data.train}' has none; "
+            "use labelled data (class folders) or a self-supervised objective (mae, simclr, dino, ...)"
+        )
     torch.manual_seed(r.seed)
     backbone = backbone_from_config(r.model)  # applies model.init_from
     objective = objectives.build(
         r.objective,
         backbone,
-        num_classes=len(class_names(r.data.train)),
+        num_classes=len(class_names(data_cfg.train, r.data.cache_dir)),
         pixel_mean=r.data.mean,
         pixel_std=r.data.std,
     )
     loader = train_loader(
-        r.data,
+        data_cfg,
         objective.views(),
         r.model.img_size,
         r.model.in_chans,
@@ -137,6 +144,8 @@ def pretrain(
         "pretrain_seconds": result.seconds,
         "final_loss": result.final_loss,
     }
+    if cached:
+        summary["data_shards"] = str(cached)  # where the model card finds the data's manifest
     run.summary_file.write_text(json.dumps(summary, indent=2))
     write_model_card(run.backbone, run_dir)
     if not quiet:

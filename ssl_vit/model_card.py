@@ -5,8 +5,9 @@ Hugging Face reads the YAML front matter (`library_name: timm` makes the hub off
 images seen and pretraining time, and every evaluation result in the run directory. The card is
 rendered from files only (the export's `config.json` and `model.safetensors` header; the run's
 `recipe.yaml`, `summary.json`, `eval/*.json` and, where the training data has one, its
-`manifest.json`), so it can be rebuilt at any time: `ssl-vit export RUN_DIR --out DIR` re-renders it
-with the evaluations done since. Evaluation files are rendered generically, whatever their keys.
+`manifest.json`, found in the data cache for a folder of images), so it can be rebuilt at any time:
+`ssl-vit export RUN_DIR --out DIR` re-renders it with the evaluations done since. Evaluation files
+are rendered generically, whatever their keys.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def _pretraining(recipe: dict[str, Any], summary: dict[str, Any], weights: str) 
     return rows
 
 
-def _data(recipe: dict[str, Any]) -> str:
+def _data(recipe: dict[str, Any], summary: dict[str, Any]) -> str:
     data = recipe.get("data", {})
     train = str(data.get("train", "?"))
     rows = [
@@ -159,7 +160,8 @@ def _data(recipe: dict[str, Any]) -> str:
         ("validation data", f"`{data.get('val')}`" if data.get("val") else "-"),
     ]
     text = _table(rows)
-    manifest = find_manifest(train)
+    shards = summary.get("data_shards")  # a folder of images trains from shards in the data cache
+    manifest = find_manifest(str(shards)) if shards else find_manifest(train)
     if manifest is None:
         return (
             text
@@ -211,7 +213,7 @@ def render_card(
     ]
     if recipe:
         sections.append("## Pretraining\n\n" + _table(_pretraining(recipe, summary, weights)))
-        sections.append("## Data\n\n" + _data(recipe))
+        sections.append("## Data\n\n" + _data(recipe, summary))
     if run_dir:
         sections.append("## Evaluation\n\n" + _evaluations(run_dir))
     if recipe:

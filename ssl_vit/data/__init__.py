@@ -1,8 +1,8 @@
 """Data: WebDataset shards streamed into the views an objective asks for.
 
 Every training source goes through shards, the built-in sets included: `digits` (scikit-learn, fast,
-for tests) and `shapes` (procedural RGB, where objectives differ) are written once into a cache folder
-and streamed like any user data. The evaluators read whole splits into memory with `load_images`.
+for tests), `shapes` (procedural RGB, where objectives differ), folders of images and tables of
+paths are written once into a cache folder (`prepare`) and streamed like any shards. The evaluators read whole splits into memory with `load_images`.
 `skip_counts()` reports the bad samples skipped so far (for `metrics.jsonl`).
 """
 
@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 from ssl_vit.config import DataConfig
 from ssl_vit.data.builtin import BUILTIN, builtin_classes, parse_builtin
 from ssl_vit.data.safety import reset_skip_counts, skip_counts
-from ssl_vit.data.sources import is_local, resolve, scan
+from ssl_vit.data.sources import has_labels, is_local, prepare, resolve, scan
 from ssl_vit.data.stream import StreamLoader, build_loader, collate, read_split
 from ssl_vit.data.views import MultiView, resize
 from ssl_vit.errors import DataError
@@ -28,7 +28,9 @@ __all__ = [
     "StreamLoader",
     "class_names",
     "collate",
+    "has_labels",
     "load_images",
+    "prepare",
     "reset_skip_counts",
     "skip_counts",
     "train_loader",
@@ -47,8 +49,8 @@ def class_names(source: str, cache_dir: str | None = None) -> list[str]:
     if spec is not None:
         return builtin_classes(spec)
     shards = resolve(source, "train", cache_dir)
-    if shards.classes is not None:
-        return shards.classes
+    if shards.classes is not None or shards.labelled is False:
+        return shards.classes or []
     if not all(is_local(url) for url in shards.urls):
         log.warning("no manifest.json for %s: class names unknown", source)
         return []
