@@ -62,7 +62,7 @@ def pretrain(
 
     from ssl_vit import data, objectives
     from ssl_vit.config import save_recipe
-    from ssl_vit.data import class_names, has_labels, prepare, train_loader
+    from ssl_vit.data import class_names, evaluation_data, has_labels, prepare, train_loader
     from ssl_vit.engine.loop import FitConfig, Reporting, ensure_writable, fit, processes
     from ssl_vit.eval.monitor import online_every, online_monitor
     from ssl_vit.model_card import write_model_card
@@ -103,9 +103,12 @@ def pretrain(
     monitor_every = online_every(r.eval)  # checked on every process; only the main one measures
     monitor = None
     if main and monitor_every:  # the backbone an export of this run would write
+        watched = r.data.train  # the evaluators' train data where set, as they read it
+        if r.eval.train:
+            watched = evaluation_data(r.eval.train, r.eval.test, r.data.cache_dir)[0]
         monitor = online_monitor(
             objective.exported_backbone(),
-            r.data.train,
+            watched,
             r.model.img_size,
             r.model.in_chans,
             r.data.mean,
@@ -287,6 +290,8 @@ def _export_info(recipe: Recipe, run_dir: Path, weights: str) -> dict[str, Any]:
         "weights": weights,
         "run_dir": str(run_dir),
         "data": recipe.data.train,
+        "eval_train": recipe.eval.train,  # the evaluators' data, where not data.train
+        "eval_test": recipe.eval.test,
         "feature": recipe.eval.feature,  # what the evaluators pool by default
     }
 
@@ -350,7 +355,7 @@ def probe(
         result = lowshot_probe(*train, *test, shots, seeds)
     else:
         result = linear_probe(*train, *test, method=method)
-    result.update(data=model.data, feature=feature, model=str(path))
+    result.update(data=model.data, test_data=model.test_data, feature=feature, model=str(path))
     save_result(model, f"lowshot_{shots}" if shots else "linear_probe", result)
     return result
 
@@ -374,7 +379,7 @@ def knn(
 
     model, train, test, feature = _features(path, data, feature, _cache(cache, cache_dir))
     result = knn_classify(*train, *test, list(k), temperature)
-    result.update(data=model.data, feature=feature, model=str(path))
+    result.update(data=model.data, test_data=model.test_data, feature=feature, model=str(path))
     save_result(model, "knn", result)
     return result
 
@@ -417,7 +422,7 @@ def finetune(
     else:
         out_dir = Path("runs") / f"{name}-{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = finetune_model(model, cfg, out_dir, progress, resume, draws)
-    result.update(data=model.data, model=str(path), out_dir=str(out_dir))
+    result.update(data=model.data, test_data=model.test_data, model=str(path), out_dir=str(out_dir))
     save_result(model, name, result)
     return result
 

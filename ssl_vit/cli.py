@@ -59,7 +59,11 @@ def _run_pretrain(args: argparse.Namespace) -> None:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     from ssl_vit.eval.features import FEATURE_KINDS
 
-    p.add_argument("--data", help="data to evaluate on (default: the run's data.train, else digits)")
+    p.add_argument(
+        "--data",
+        help="labelled data to evaluate on: a built-in set, shards, a folder of class folders or a CSV "
+        "(default: the recipe's eval.train / eval.test, else its data.train, else digits)",
+    )
     p.add_argument(
         "--feature",
         choices=FEATURE_KINDS,
@@ -167,7 +171,9 @@ def _add_finetune(sub: Subparsers) -> None:
         "With --shots K, on K labelled images per class only (the low-label case), over seeded draws.",
     )
     p.add_argument("path", type=Path, help="a run directory, an export folder or any timm-loadable folder")
-    p.add_argument("--data", help="data to fine-tune on (default: the run's data.train, else digits)")
+    p.add_argument(
+        "--data", help="labelled data to fine-tune on (default: the recipe's eval.train, else its data.train)"
+    )
     p.add_argument(
         "--out", type=Path, help="output folder (default RUN_DIR/eval/finetune, or finetune_lowshot_K)"
     )

@@ -153,11 +153,13 @@ def _pretraining(recipe: dict[str, Any], summary: dict[str, Any], weights: str) 
 
 
 def _data(recipe: dict[str, Any], summary: dict[str, Any]) -> str:
-    data = recipe.get("data", {})
+    data, evals = recipe.get("data", {}), recipe.get("eval", {})
     train = str(data.get("train", "?"))
     rows = [
         ("training data", f"`{train}`"),
         ("validation data", f"`{data.get('val')}`" if data.get("val") else "-"),
+        ("evaluation data", f"`{evals['train']}`" if evals.get("train") else "the training data"),
+        ("evaluation test data", f"`{evals['test']}`" if evals.get("test") else "its test split"),
     ]
     text = _table(rows)
     shards = summary.get("data_shards")  # a folder of images trains from shards in the data cache

@@ -1,5 +1,5 @@
 """`data.train=DIR`: a folder (or a table) of images written into the data cache once, reused while
-unchanged, written again when it changes."""
+unchanged, written again when it changes; and the held-out copy the evaluators use."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ssl_vit.data import evaluation_data, load_images
 from ssl_vit.data.sources import resolve
 from tests.conftest import write_images
 
@@ -48,3 +49,18 @@ def test_a_table_of_paths_is_cached_like_a_folder(tmp_path: Path) -> None:
     shards = resolve(str(table), cache_dir=str(tmp_path / "cache"))
     assert shards.count == 4 and shards.classes == ["a", "b"] and shards.labelled is True
     assert resolve(str(table), cache_dir=str(tmp_path / "cache")).urls == shards.urls
+
+
+def test_a_labelled_folder_as_evaluation_data_holds_out_a_test_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_VIT_CACHE", str(tmp_path / "cache"))
+    write_images(tmp_path / "lab" / "cat", 10)
+    write_images(tmp_path / "lab" / "dog", 10, start=10)
+    train, test = evaluation_data(str(tmp_path / "lab"), None)
+    assert test is None and Path(train).parent == tmp_path / "cache"
+    (x_train, y_train), (x_test, y_test) = (load_images(train, s, 8, 3) for s in ("train", "test"))
+    assert (len(y_train), len(y_test)) == (16, 4) and x_test.shape == (4, 3, 8, 8)
+    assert evaluation_data("digits", None) == ("digits", None)
+    unlabelled = write_images(tmp_path / "flat", 3)
+    assert evaluation_data(str(unlabelled), "digits") == (str(unlabelled), "digits")

@@ -24,7 +24,7 @@ from pathlib import Path
 from ssl_vit.data import digits, inputs, shapes, writer
 from ssl_vit.data import shards as shards_module
 from ssl_vit.data.builtin import BuiltinSpec
-from ssl_vit.data.inputs import TABLE_EXTS, load_source
+from ssl_vit.data.inputs import TABLE_EXTS, Source, load_source
 from ssl_vit.data.shards import MANIFEST, settings_key, write_shards, write_source
 from ssl_vit.errors import DataError
 
@@ -34,6 +34,8 @@ except ImportError:  # Windows: no lock; processes that miss the cache at once m
     fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
+
+EVAL_HOLDOUT = 0.2  # the test share of a folder or table used as evaluation data without a test set
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -95,21 +97,26 @@ def is_image_source(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in TABLE_EXTS
 
 
-def source_shards(src: str, cache_dir: str | None) -> Path:
+def source_shards(
+    src: str, cache_dir: str | None, holdout: bool = False, loaded: Source | None = None
+) -> Path:
     """The cached shards of a folder of images or a table: written on first use, then reused while
-    the source is unchanged."""
-    source = load_source(src)  # walks the folder: its listing is the cache key
-    key = settings_key(source, None, 0.0, 0)
+    the source is unchanged. With `holdout`, a seeded `EVAL_HOLDOUT` of it is the `val` split (for
+    evaluation data that has no test set of its own). `loaded`: `src` already loaded."""
+    source = loaded or load_source(src)  # walks the folder: its listing is the cache key
+    val_fraction = EVAL_HOLDOUT if holdout else 0.0
+    key = settings_key(source, None, val_fraction, 0)
     where = Path(source.name).resolve()
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in where.name) or "data"
-    prefix = f"{name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}-"
+    use = "eval" if holdout else "train"  # a held-out copy is another cache entry of the same folder
+    prefix = f"{name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}-{use}-"
     final = cache_root(cache_dir) / f"{prefix}{key[:16]}"
     if _ready(final):
         log.info("shards of %s from the cache %s", src, final)
         return final
     log.info("writing shards of %s once into %s (reused while it is unchanged)", src, final)
     progress = sys.stderr.isatty()
-    cached(final, lambda folder: write_source(source, folder, progress=progress))
+    cached(final, lambda folder: write_source(source, folder, val_fraction=val_fraction, progress=progress))
     older = [p for p in final.parent.glob(f"{prefix}*") if p != final and _ready(p)]
     if older:
         log.info("older shards of %s remain in %s; delete them when no run reads them", src, older[0])

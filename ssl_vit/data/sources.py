@@ -9,7 +9,8 @@ A source is one of:
   `pipe:` commands, `file:` or plain paths. Local paths must exist.
 
 The manifest next to local shards (if any) gives class names, sample counts and whether there are
-labels.
+labels. The split `heldout` is what evaluators test on when a source is named as test data: its
+`test` or `val` split, else all of it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ from ssl_vit.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SPLIT_ALIASES = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}
+SPLIT_ALIASES = {
+    "train": ("train",),
+    "test": ("test", "val"),
+    "val": ("val", "test"),
+    "heldout": ("test", "val", "train"),
+}
 
 
 @dataclass
@@ -103,6 +109,8 @@ def resolve(source: str, split: str = "train", cache_dir: str | None = None) -> 
         raise DataError(
             f"data source '{source}': {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})"
         )
+    if split == "heldout":  # URLs named as test data: those very shards
+        return _with_manifest_facts(urls, source)
     if split != "train":
         return _split_of_pattern(urls, split, source)
     return _with_manifest_facts(urls, source)
