@@ -223,6 +223,7 @@ def aggregate(entries: Sequence[Entry], shots: int, finetune_shots: int = 0) -> 
 
 def _baseline_entry(name: str, objective: str, scores: dict[str, list[float]], model: EvalModel) -> Entry:
     stub = EvalModel(model.backbone, model.img_size, model.in_chans, model.mean, model.std, model.data)
+    stub.test_data = model.test_data
     stub.name, stub.objective = name, objective
     return Entry(stub, scores, None, 0.0, 0, 0.0, f"baseline:{objective}")
 
@@ -251,10 +252,10 @@ def compare(
     if protocol.finetune_shots and not protocol.finetune:
         raise RecipeError(f"--finetune-shots {protocol.finetune_shots} needs --finetune")
     models = [load_eval_model(path, protocol.data) for path in inputs]
-    data = protocol.data or models[0].data
+    data, test_data = models[0].data, models[0].test_data  # `protocol.data`, else the first input's
     seen: dict[str, int] = {}
     for model in models:
-        model.data = data
+        model.data, model.test_data = data, test_data
         if model.name == "backbone" and model.source is not None:  # RUN_DIR/backbone: name the run
             model.name = model.source.resolve().parent.name
         seen[model.name] = seen.get(model.name, 0) + 1
@@ -264,7 +265,10 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
 
     log.info("baseline: raw pixels")
-    raw = [raw_pixel_features(data, split, first.img_size, first.in_chans) for split in ("train", "test")]
+    raw = [
+        raw_pixel_features(data, split, first.img_size, first.in_chans, test_data)
+        for split in ("train", "test")
+    ]
     raw_protocol = Protocol(**{**asdict(protocol), "finetune": False})
     entries = [
         _baseline_entry("raw pixels", "raw_pixels", score_features(raw[0], raw[1], raw_protocol)[0], first)
@@ -292,5 +296,6 @@ def compare(
         groups.setdefault(entry.group, []).append(entry)
     rows = [aggregate(group, protocol.shots, protocol.finetune_shots) for group in groups.values()]
     feature = protocol.feature or "each recipe's eval.feature"
-    write_report(rows, out, {**asdict(protocol), "feature": feature, "data": data, **(settings or {})})
+    report = {**asdict(protocol), "feature": feature, "data": data, "test_data": test_data}
+    write_report(rows, out, {**report, **(settings or {})})
     return rows

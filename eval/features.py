@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.data import load_images
+from ssl_vit.data import eval_split, evaluation_data
 from ssl_vit.errors import DataError, RecipeError
 from ssl_vit.rundir import RunDir, weights_digest
 from ssl_vit.timm_export import load_backbone, read_export_config
@@ -49,12 +49,13 @@ class EvalModel:
     in_chans: int
     mean: list[float]
     std: list[float]
-    data: str  # the data source the run trained on, or `digits`
+    data: str  # the evaluators' train source: eval.train, else the run's data.train, else `digits`
     name: str = "model"
     objective: str = "unknown"
     source: Path | None = None  # the run directory or folder it was loaded from
     info: dict[str, Any] = field(default_factory=dict)  # `ssl_vit` block of the export's config.json
     feature: str = "cls"  # the recipe's `eval.feature`: what the objective trains (MPP: patch tokens)
+    test_data: str | None = None  # a separate test source (eval.test); None: `data`'s test split
 
     @property
     def run_dir(self) -> Path | None:
@@ -65,24 +66,36 @@ class EvalModel:
 
 
 def load_eval_model(path: Path, data: str | None = None) -> EvalModel:
-    """From a run directory, an export folder or any timm-loadable folder."""
+    """From a run directory, an export folder or any timm-loadable folder.
+
+    The evaluation data: `data` (`--data`); else the recipe's (or export's) `eval.train` and
+    `eval.test`, `eval.train` defaulting to the pretraining data; else `digits`.
+    """
     backbone, pretrained_cfg = load_backbone(path)
     ours = read_export_config(path).get("ssl_vit", {})
     run = RunDir(path)
     recipe = run.recipe() if run.exists() else None
     _, height, _ = pretrained_cfg.get("input_size", (backbone.in_chans, 224, 224))
+    if data:
+        train, test = data, None
+    elif recipe:
+        train, test = recipe.eval.train or recipe.data.train, recipe.eval.test
+    else:
+        train, test = ours.get("eval_train") or ours.get("data") or "digits", ours.get("eval_test")
+    train, test = evaluation_data(train, test)
     return EvalModel(
         backbone=backbone,
         img_size=int(height),
         in_chans=backbone.in_chans,
         mean=list(pretrained_cfg.get("mean", [0.5] * backbone.in_chans)),
         std=list(pretrained_cfg.get("std", [0.5] * backbone.in_chans)),
-        data=data or (recipe.data.train if recipe else None) or ours.get("data") or "digits",
+        data=train,
         name=path.resolve().name,
         objective=(recipe.objective["name"] if recipe else None) or ours.get("objective") or "unknown",
         source=path,
         info=ours,
         feature=(recipe.eval.feature if recipe else None) or ours.get("feature") or "cls",
+        test_data=test,
     )
 
 
@@ -100,6 +113,7 @@ def random_init_model(model: EvalModel, seed: int = 0) -> EvalModel:
         "random init",
         "random_init",
         feature=model.feature,
+        test_data=model.test_data,
     )
 
 
@@ -133,10 +147,12 @@ def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 
 
 @functools.lru_cache(maxsize=2)
-def split_images(data: str, split: str, img_size: int, in_chans: int) -> tuple[Tensor, Tensor]:
-    """`load_images`, remembered for the last two splits: `compare` evaluates many backbones on the
-    same train and test images, and a built-in set is generated anew on each load. Read-only."""
-    return load_images(data, split, img_size, in_chans)
+def split_images(
+    data: str, split: str, img_size: int, in_chans: int, test_data: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """`eval_split` (labelled images of the evaluators' train or test split), remembered for the
+    last two splits: `compare` evaluates many backbones on the same images. Read-only."""
+    return eval_split(data, test_data, split, img_size, in_chans)
 
 
 def _pooled(backbone: Backbone, imgs: Tensor, kind: str) -> Tensor:
@@ -191,7 +207,8 @@ def extract(
 
 def feature_key(model: EvalModel, split: str, kind: str) -> str:
     """The cache key: weights, data, split, feature kind and input pipeline."""
-    parts = [CACHE_VERSION, weights_digest(model.backbone), model.data, split, kind]
+    data = [model.data, model.test_data] if split == "test" and model.test_data else model.data
+    parts = [CACHE_VERSION, weights_digest(model.backbone), data, split, kind]
     parts += [model.img_size, model.in_chans, list(model.mean), list(model.std)]
     return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()
 
@@ -220,7 +237,7 @@ def split_features(
             return np.load(path, mmap_mode="r"), np.load(labels_path)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_dir / f".{key}.{os.getpid()}.tmp.npy"
-    images, labels = split_images(model.data, split, model.img_size, model.in_chans)
+    images, labels = split_images(model.data, split, model.img_size, model.in_chans, model.test_data)
 
     def to_disk(shape: tuple[int, int]) -> np.ndarray:
         assert tmp is not None
@@ -239,7 +256,9 @@ def split_features(
     return np.load(path, mmap_mode="r"), labels.numpy()
 
 
-def raw_pixel_features(data: str, split: str, img_size: int, in_chans: int) -> tuple[np.ndarray, np.ndarray]:
+def raw_pixel_features(
+    data: str, split: str, img_size: int, in_chans: int, test_data: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The raw-pixel baseline: flattened images in [0, 1]."""
-    images, labels = split_images(data, split, img_size, in_chans)
+    images, labels = split_images(data, split, img_size, in_chans, test_data)
     return images.flatten(1).numpy(), labels.numpy()

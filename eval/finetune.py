@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import CkptConfig, DataConfig, LogConfig, OptimConfig, TrainConfig
-from ssl_vit.data import class_names, collate, train_loader
+from ssl_vit.data import class_names, collate, require_labels, train_loader
 from ssl_vit.data.views import MultiView
 from ssl_vit.engine.loop import FitConfig, Reporting, fit, processes
 from ssl_vit.engine.stream import Loader
@@ -125,7 +125,7 @@ def build_optimizer(objective: FineTune, cfg: FinetuneConfig) -> torch.optim.Opt
 @torch.inference_mode()
 def evaluate(objective: FineTune, model: EvalModel, split: str = "test", batch_size: int = 256) -> float:
     """Top-1 of the fine-tuned classifier on one split, in eval mode."""
-    images, labels = split_images(model.data, split, model.img_size, model.in_chans)
+    images, labels = split_images(model.data, split, model.img_size, model.in_chans, model.test_data)
     device = next(objective.parameters()).device
     objective.eval()
     preds = []
@@ -204,6 +204,7 @@ def finetune(
         raise RecipeError(f"fine-tune steps must be at least 1, got {cfg.steps}")
     if cfg.shots < 0:
         raise RecipeError(f"fine-tune shots must be 0 (all labels) or more, got {cfg.shots}")
+    require_labels(model.data)
     data = copy.deepcopy(data) if data is not None else DataConfig(hflip=False)
     data.train, data.mean, data.std = model.data, list(model.mean), list(model.std)
     backbone = copy.deepcopy(model.backbone).cpu()

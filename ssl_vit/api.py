@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ssl_vit.errors import CheckpointError, RecipeError
+from ssl_vit.errors import CheckpointError, DataError, RecipeError
 from ssl_vit.rundir import CHECKPOINTS_DIR, RunDir
 
 if TYPE_CHECKING:
@@ -62,29 +62,36 @@ def pretrain(
 
     from ssl_vit import data, objectives
     from ssl_vit.config import save_recipe
-    from ssl_vit.data import class_names, train_loader
+    from ssl_vit.data import class_names, evaluation_data, has_labels, prepare, train_loader
     from ssl_vit.engine.loop import FitConfig, Reporting, ensure_writable, fit, processes
     from ssl_vit.eval.monitor import online_every, online_monitor
     from ssl_vit.model_card import write_model_card
     from ssl_vit.pretrained import backbone_from_config
 
     r = recipe_obj
-    objectives.get(r.objective["name"])  # unknown objective: fail before any work
+    kind = objectives.get(r.objective["name"])  # unknown objective: fail before any work
     world = processes(r.train)  # under torchrun: this rank among all; fit's Accelerator reuses it
     run_dir, ckpt = broadcast_object_list([run_dir, ckpt])  # one timestamped default for all ranks
     run = RunDir(run_dir)
     main = world.is_main_process
+    cached = prepare(r.data.train, r.data.cache_dir)  # a folder or table: its shards, written once
+    data_cfg = replace(r.data, train=str(cached)) if cached else r.data
+    if kind.needs_labels and not has_labels(data_cfg.train, cache_dir=r.data.cache_dir):
+        raise DataError(
+            f"objective '{r.objective['name']}' needs labels, but data.train '{r.data.train}' has none; "
+            "use labelled data (class folders) or a self-supervised objective (mae, simclr, dino, ...)"
+        )
     torch.manual_seed(r.seed)
     backbone = backbone_from_config(r.model)  # applies model.init_from
     objective = objectives.build(
         r.objective,
         backbone,
-        num_classes=len(class_names(r.data.train)),
+        num_classes=len(class_names(data_cfg.train, r.data.cache_dir)),
         pixel_mean=r.data.mean,
         pixel_std=r.data.std,
     )
     loader = train_loader(
-        r.data,
+        data_cfg,
         objective.views(),
         r.model.img_size,
         r.model.in_chans,
@@ -96,9 +103,12 @@ def pretrain(
     monitor_every = online_every(r.eval)  # checked on every process; only the main one measures
     monitor = None
     if main and monitor_every:  # the backbone an export of this run would write
+        watched = r.data.train  # the evaluators' train data where set, as they read it
+        if r.eval.train:
+            watched = evaluation_data(r.eval.train, r.eval.test, r.data.cache_dir)[0]
         monitor = online_monitor(
             objective.exported_backbone(),
-            r.data.train,
+            watched,
             r.model.img_size,
             r.model.in_chans,
             r.data.mean,
@@ -137,6 +147,8 @@ def pretrain(
         "pretrain_seconds": result.seconds,
         "final_loss": result.final_loss,
     }
+    if cached:
+        summary["data_shards"] = str(cached)  # where the model card finds the data's manifest
     run.summary_file.write_text(json.dumps(summary, indent=2))
     write_model_card(run.backbone, run_dir)
     if not quiet:
@@ -278,6 +290,8 @@ def _export_info(recipe: Recipe, run_dir: Path, weights: str) -> dict[str, Any]:
         "weights": weights,
         "run_dir": str(run_dir),
         "data": recipe.data.train,
+        "eval_train": recipe.eval.train,  # the evaluators' data, where not data.train
+        "eval_test": recipe.eval.test,
         "feature": recipe.eval.feature,  # what the evaluators pool by default
     }
 
@@ -341,7 +355,7 @@ def probe(
         result = lowshot_probe(*train, *test, shots, seeds)
     else:
         result = linear_probe(*train, *test, method=method)
-    result.update(data=model.data, feature=feature, model=str(path))
+    result.update(data=model.data, test_data=model.test_data, feature=feature, model=str(path))
     save_result(model, f"lowshot_{shots}" if shots else "linear_probe", result)
     return result
 
@@ -365,7 +379,7 @@ def knn(
 
     model, train, test, feature = _features(path, data, feature, _cache(cache, cache_dir))
     result = knn_classify(*train, *test, list(k), temperature)
-    result.update(data=model.data, feature=feature, model=str(path))
+    result.update(data=model.data, test_data=model.test_data, feature=feature, model=str(path))
     save_result(model, "knn", result)
     return result
 
@@ -408,7 +422,7 @@ def finetune(
     else:
         out_dir = Path("runs") / f"{name}-{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = finetune_model(model, cfg, out_dir, progress, resume, draws)
-    result.update(data=model.data, model=str(path), out_dir=str(out_dir))
+    result.update(data=model.data, test_data=model.test_data, model=str(path), out_dir=str(out_dir))
     save_result(model, name, result)
     return result
 
@@ -606,15 +620,20 @@ def shards(
     val_fraction: float = 0.0,
     strict: bool = False,
     seed: int = 0,
+    labels: str = "auto",
+    workers: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Write WebDataset shards (`train-%06d.tar`, `val-`, `test-`) and `manifest.json` from a
-    built-in set, an image folder or a CSV/TSV of paths; returns the manifest.
+    built-in set, a folder of images (`labels`: auto, folders or none) or a CSV/TSV of paths, with
+    `workers` processes (default: the cores); returns the manifest. Run again after an
+    interruption, it continues from the last complete shard.
 
         manifest = ssl_vit.shards("photos/", "shards/photos", val_fraction=0.05)
     """
     from ssl_vit.data.shards import write_shards
 
-    return write_shards(src, Path(out), shard_size, val_fraction, strict, seed)
+    return write_shards(src, Path(out), shard_size, val_fraction, strict, seed, labels, workers, progress)
 
 
 __all__ = ["compare", "demo", "export", "finetune", "knn", "pretrain", "probe", "shards"]

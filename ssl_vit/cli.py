@@ -59,7 +59,11 @@ def _run_pretrain(args: argparse.Namespace) -> None:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     from ssl_vit.eval.features import FEATURE_KINDS
 
-    p.add_argument("--data", help="data to evaluate on (default: the run's data.train, else digits)")
+    p.add_argument(
+        "--data",
+        help="labelled data to evaluate on: a built-in set, shards, a folder of class folders or a CSV "
+        "(default: the recipe's eval.train / eval.test, else its data.train, else digits)",
+    )
     p.add_argument(
         "--feature",
         choices=FEATURE_KINDS,
@@ -167,7 +171,9 @@ def _add_finetune(sub: Subparsers) -> None:
         "With --shots K, on K labelled images per class only (the low-label case), over seeded draws.",
     )
     p.add_argument("path", type=Path, help="a run directory, an export folder or any timm-loadable folder")
-    p.add_argument("--data", help="data to fine-tune on (default: the run's data.train, else digits)")
+    p.add_argument(
+        "--data", help="labelled data to fine-tune on (default: the recipe's eval.train, else its data.train)"
+    )
     p.add_argument(
         "--out", type=Path, help="output folder (default RUN_DIR/eval/finetune, or finetune_lowshot_K)"
     )
@@ -395,13 +401,31 @@ def _run_show(args: argparse.Namespace) -> None:
 def _add_shards(sub: Subparsers) -> None:
     p = sub.add_parser(
         "shards",
-        help="write WebDataset shards from a built-in set, an image folder or a CSV",
-        description="Write DIR/train-%06d.tar (and val-/test-) plus DIR/manifest.json.",
+        help="write WebDataset shards from a built-in set, a folder of images or a CSV",
+        description="Write DIR/train-%06d.tar (and val-/test-) plus DIR/manifest.json. Run again after "
+        "an interruption, it continues from the last complete shard.",
     )
     p.add_argument(
-        "src", help="digits, shapes[:TRAIN:TEST], an ImageFolder dir, or a CSV/TSV of path[,label]"
+        "src",
+        help="digits, shapes[:TRAIN:TEST], a folder of images (flat, nested or class folders), "
+        "or a CSV/TSV of path[,label]",
     )
-    p.add_argument("--out", type=Path, required=True, help="output folder (must not hold shards yet)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (must not hold shards, but an unfinished write)",
+    )
+    p.add_argument(
+        "--labels",
+        default="auto",
+        choices=["auto", "folders", "none"],
+        help="folders: each first-level sub-folder is a class; none: unlabelled; auto (default): folders "
+        "when every image sits in one of at least two sub-folders, else none",
+    )
+    p.add_argument(
+        "--workers", type=int, help="processes that decode and check images (default: the available cores)"
+    )
     p.add_argument(
         "--shard-size", type=int, default=None, help="samples per shard (default 1000; built-in: 16 shards)"
     )
@@ -422,11 +446,15 @@ def _run_shards(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction,
         strict=args.strict,
         seed=args.seed,
+        labels=args.labels,
+        workers=args.workers,
+        progress=sys.stderr.isatty(),
     )
     splits = ", ".join(
         f"{name} {s['count']} in {len(s['shards'])} shards" for name, s in manifest["splits"].items()
     )
-    print(f"wrote {splits} -> {args.out} (skipped {manifest['skipped']['count']} unreadable)")
+    labels = f"{len(manifest['classes'])} classes" if manifest["labelled"] else "no labels"
+    print(f"wrote {splits}, {labels} -> {args.out} (skipped {manifest['skipped']['count']} unreadable)")
 
 
 COMMANDS: dict[str, tuple[Callable[[Subparsers], None], Callable[[argparse.Namespace], None]]] = {

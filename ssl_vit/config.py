@@ -114,6 +114,11 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
+    # The evaluators' data (probe, k-NN, fine-tune, compare, the online k-NN): labelled train images
+    # (None: data.train, where it has labels) and test images (None: the train source's test split,
+    # or a seeded 20% of a folder held out). `--data` overrides both.
+    train: str | None = None
+    test: str | None = None
     feature: str = "cls"  # cls | avg | cls4
     batch_size: int = 256
     knn_k: list[int] = field(default_factory=lambda: [20])

@@ -5,8 +5,9 @@ Hugging Face reads the YAML front matter (`library_name: timm` makes the hub off
 images seen and pretraining time, and every evaluation result in the run directory. The card is
 rendered from files only (the export's `config.json` and `model.safetensors` header; the run's
 `recipe.yaml`, `summary.json`, `eval/*.json` and, where the training data has one, its
-`manifest.json`), so it can be rebuilt at any time: `ssl-vit export RUN_DIR --out DIR` re-renders it
-with the evaluations done since. Evaluation files are rendered generically, whatever their keys.
+`manifest.json`, found in the data cache for a folder of images), so it can be rebuilt at any time:
+`ssl-vit export RUN_DIR --out DIR` re-renders it with the evaluations done since. Evaluation files
+are rendered generically, whatever their keys.
 """
 
 from __future__ import annotations
@@ -151,15 +152,18 @@ def _pretraining(recipe: dict[str, Any], summary: dict[str, Any], weights: str) 
     return rows
 
 
-def _data(recipe: dict[str, Any]) -> str:
-    data = recipe.get("data", {})
+def _data(recipe: dict[str, Any], summary: dict[str, Any]) -> str:
+    data, evals = recipe.get("data", {}), recipe.get("eval", {})
     train = str(data.get("train", "?"))
     rows = [
         ("training data", f"`{train}`"),
         ("validation data", f"`{data.get('val')}`" if data.get("val") else "-"),
+        ("evaluation data", f"`{evals['train']}`" if evals.get("train") else "the training data"),
+        ("evaluation test data", f"`{evals['test']}`" if evals.get("test") else "its test split"),
     ]
     text = _table(rows)
-    manifest = find_manifest(train)
+    shards = summary.get("data_shards")  # a folder of images trains from shards in the data cache
+    manifest = find_manifest(str(shards)) if shards else find_manifest(train)
     if manifest is None:
         return (
             text
@@ -211,7 +215,7 @@ def render_card(
     ]
     if recipe:
         sections.append("## Pretraining\n\n" + _table(_pretraining(recipe, summary, weights)))
-        sections.append("## Data\n\n" + _data(recipe))
+        sections.append("## Data\n\n" + _data(recipe, summary))
     if run_dir:
         sections.append("## Evaluation\n\n" + _evaluations(run_dir))
     if recipe:

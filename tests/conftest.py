@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from safetensors.torch import load_file
 
 from ssl_vit import objectives
@@ -119,6 +120,21 @@ def clusters(
     centres = rng.normal(size=(n_classes, dim)) * 10
     y = np.repeat(np.arange(n_classes), n_per_class)
     return centres[y] + rng.normal(size=(len(y), dim)) * spread, y
+
+
+# ---------------------------------------------------------------- image folders
+def write_images(folder: Path, n: int, start: int = 0, value: int | None = None, size: int = 16) -> Path:
+    """`n` small RGB PNGs `img-<i>.png` in `folder` (created): noise, around `value` where given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        rng = np.random.default_rng(i)
+        pixels = (
+            rng.integers(0, 256, (size, size, 3))
+            if value is None
+            else value + rng.integers(-20, 21, (size, size, 3))
+        )
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"img-{i:04d}.png")
+    return folder
 
 
 # ---------------------------------------------------------------- run directories

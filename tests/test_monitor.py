@@ -17,6 +17,7 @@ from ssl_vit.eval.features import load_eval_model
 from ssl_vit.eval.monitor import bank_and_queries, online_monitor, rankme
 
 import ssl_vit.data
+import ssl_vit.data.evalsets
 from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main
 from ssl_vit.config import RECIPES_DIR, EvalConfig
@@ -87,7 +88,8 @@ def train_only(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise DataError(f"the online monitor must not read the {split} split")
         return real(source, split, cache_dir)
 
-    monkeypatch.setattr(ssl_vit.data, "resolve", spy)
+    for module in (ssl_vit.data, ssl_vit.data.evalsets):  # everywhere the data layer resolves splits
+        monkeypatch.setattr(module, "resolve", spy)
     return requested
 
 

@@ -1,8 +1,9 @@
 """Data: WebDataset shards streamed into the views an objective asks for.
 
 Every training source goes through shards, the built-in sets included: `digits` (scikit-learn, fast,
-for tests) and `shapes` (procedural RGB, where objectives differ) are written once into a cache folder
-and streamed like any user data. The evaluators read whole splits into memory with `load_images`.
+for tests), `shapes` (procedural RGB, where objectives differ), folders of images and tables of
+paths are written once into a cache folder (`prepare`) and streamed like any shards. The evaluators
+read whole splits into memory with `load_images`, their labelled splits with `eval_split`.
 `skip_counts()` reports the bad samples skipped so far (for `metrics.jsonl`).
 """
 
@@ -10,17 +11,13 @@ from __future__ import annotations
 
 import logging
 
-import torch
-from torch import Tensor
-from torchvision.transforms.v2 import functional as TF
-
 from ssl_vit.config import DataConfig
 from ssl_vit.data.builtin import BUILTIN, builtin_classes, parse_builtin
+from ssl_vit.data.evalsets import eval_split, evaluation_data, load_images, require_labels
 from ssl_vit.data.safety import reset_skip_counts, skip_counts
-from ssl_vit.data.sources import is_local, resolve, scan
-from ssl_vit.data.stream import StreamLoader, build_loader, collate, read_split
-from ssl_vit.data.views import MultiView, resize
-from ssl_vit.errors import DataError
+from ssl_vit.data.sources import has_labels, is_local, prepare, resolve, scan
+from ssl_vit.data.stream import StreamLoader, build_loader, collate
+from ssl_vit.data.views import MultiView
 from ssl_vit.types import ViewSpec
 
 __all__ = [
@@ -28,7 +25,12 @@ __all__ = [
     "StreamLoader",
     "class_names",
     "collate",
+    "eval_split",
+    "evaluation_data",
+    "has_labels",
     "load_images",
+    "prepare",
+    "require_labels",
     "reset_skip_counts",
     "skip_counts",
     "train_loader",
@@ -47,41 +49,14 @@ def class_names(source: str, cache_dir: str | None = None) -> list[str]:
     if spec is not None:
         return builtin_classes(spec)
     shards = resolve(source, "train", cache_dir)
-    if shards.classes is not None:
-        return shards.classes
+    if shards.classes is not None or shards.labelled is False:
+        return shards.classes or []
     if not all(is_local(url) for url in shards.urls):
         log.warning("no manifest.json for %s: class names unknown", source)
         return []
     log.info("no manifest.json beside %s: scanning its .cls labels", source)
     _, top = scan(shards.urls)
     return [str(i) for i in range(top + 1)]
-
-
-def _square(image: Tensor, size: int) -> Tensor:
-    """(C, h, w) float -> (C, size, size): resize the short side, centre-crop (square images: resize)."""
-    if image.shape[-2] != image.shape[-1]:
-        image = TF.center_crop(TF.resize(image, [size], antialias=True), [size, size])
-    return resize(image[None], size)[0]
-
-
-def load_images(
-    source: str, split: str, img_size: int, in_chans: int, cache_dir: str | None = None
-) -> tuple[Tensor, Tensor]:
-    """A whole split in memory: images (N, C, S, S) in [0, 1] and labels (N,) int64.
-
-    Read from the shards, built-in sets included, with the decoding training uses (so channels are
-    converted the same way), skipping bad samples. `split` is `train` or `test` (a shard folder's
-    `val` split stands in for a missing `test`).
-    """
-    shards = resolve(source, split, cache_dir)
-    decoded = [
-        (_square(img.float() / 255.0, img_size), lab) for img, lab in read_split(shards.urls, in_chans)
-    ]
-    if not decoded:
-        raise DataError(f"'{source}' split '{split}' has no readable sample")
-    return torch.stack([img for img, _ in decoded]), torch.tensor(
-        [lab for _, lab in decoded], dtype=torch.long
-    )
 
 
 def train_loader(

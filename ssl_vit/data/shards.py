@@ -1,198 +1,166 @@
 """Write WebDataset shards and their `manifest.json` from what users have.
 
-Sources: a built-in set (`digits`, `shapes`), an ImageFolder tree (`class_name/*.jpg|png|webp`) or a
-CSV/TSV of `path,label` (label optional, for unlabelled data; paths relative to the file). Shards are
-`DIR/<split>-%06d.tar` written by `webdataset.ShardWriter`; each sample is `__key__` (unique in its
-split), one encoded image (`.jpg`, `.png` or `.webp` bytes as found, other formats re-encoded once as
-PNG, arrays as PNG) and `.cls` (the class index as ASCII digits; absent for unlabelled samples).
-Plain webdataset code reads them; ssl-vit reads shards written the same way by plain webdataset.
+Sources (`ssl_vit.data.inputs`): a built-in set (`digits`, `shapes`), a folder of images (flat or
+nested, with class folders or without labels: `ssl_vit.data.folder`) or a CSV/TSV of `path[,label]`
+(label optional; paths relative to the file). Shards are `DIR/<split>-%06d.tar`, written in
+parallel, deterministic and resumable (`ssl_vit.data.writer`); each sample is `__key__` (unique in
+its split), one encoded image (`.jpg`, `.png` or `.webp` bytes as found, other formats re-encoded
+once as PNG, arrays as PNG) and `.cls` (the class index as ASCII digits; absent for unlabelled
+samples). Plain webdataset code reads them; ssl-vit reads shards written the same way by plain
+webdataset.
 
-Sources are written in a seeded random order: consecutive samples of a shard mix classes, so the
-streaming shuffle (shard order plus a sample buffer) need not do all the mixing.
+Folders and tables are written in a seeded random order: consecutive samples of a shard mix
+classes, so the streaming shuffle (shard order plus a sample buffer) need not do all the mixing.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import hashlib
 import json
 import logging
 import math
+import os
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
-from PIL import Image
+from tqdm.auto import tqdm
 
 from ssl_vit import __version__
-from ssl_vit.data.builtin import SPLITS, builtin_arrays, builtin_classes, parse_builtin
+from ssl_vit.data.inputs import Source, load_source
+from ssl_vit.data.writer import JOURNAL, Item, Journal, write_splits
 from ssl_vit.errors import DataError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "ssl-vit-shards/1"
 MANIFEST = "manifest.json"
-SOURCE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as found; others re-encoded
-MAX_SHARD_BYTES = 1e9
+SHARD_SIZE = 1000
 BUILTIN_SHARDS_PER_SPLIT = 16
-Encoded = tuple[bytes, str, tuple[int, int], str]  # (bytes, extension, (width, height), PIL mode)
+MIN_IMAGES_PER_WORKER = 256  # with the default worker count, smaller sources are written in-process
 
 
-@dataclass
-class Item:
-    """One source sample: `load()` gives it encoded; `where` names it in messages."""
-
-    load: Callable[[], Encoded]
-    label: int
-    where: str
-
-
-def encode_array(array: np.ndarray) -> Encoded:
-    """(H, W, C) uint8 -> PNG bytes (lossless, so small built-in images keep every pixel)."""
-    image = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue(), "png", image.size, image.mode
-
-
-def encode_file(path: Path) -> Encoded:
-    """Decode a file fully once (to reject corrupt ones); keep JPEG/PNG/WebP bytes as they are."""
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        size, mode, fmt = image.size, image.mode, image.format or ""
-        if fmt in KEPT_FORMATS:
-            return data, KEPT_FORMATS[fmt], size, mode
-        buffer = io.BytesIO()
-        image.convert("RGBA" if "A" in mode else "RGB" if mode not in ("L", "RGB") else mode).save(
-            buffer, format="PNG"
-        )
-    return buffer.getvalue(), "png", size, mode
-
-
-def _class_index(labels: Sequence[str]) -> list[str]:
-    """Class names in index order: numeric order when every label is an integer, else sorted."""
-    unique = sorted(set(labels))
-    if all(lab.lstrip("-").isdigit() for lab in unique):
-        unique = sorted(unique, key=int)
-    return unique
-
-
-def folder_items(root: Path) -> tuple[list[Item], list[str]]:
-    """ImageFolder: every class is a sub-folder; images anywhere below it."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    items = [
-        Item(partial(encode_file, path), index, str(path))
-        for index, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.suffix.lower() in SOURCE_EXTS
-    ]
-    if not items:
-        raise DataError(f"{root}: no images found under class folders ({', '.join(SOURCE_EXTS)})")
-    return items, classes
-
-
-def table_items(table: Path) -> tuple[list[Item], list[str]]:
-    """CSV/TSV of `path[,label]`; a first row `path,label` is a header; paths relative to the file."""
-    delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
-    with table.open(newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter=delimiter) if r and r[0].strip()]
-    if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
-        rows = rows[1:]
-    if not rows:
-        raise DataError(f"{table}: no rows of path[,label]")
-    labelled = [len(r) > 1 and r[1].strip() != "" for r in rows]
-    if any(labelled) and not all(labelled):
-        raise DataError(f"{table}: some rows have a label and some do not; label all rows or none")
-    classes = _class_index([r[1].strip() for r in rows]) if all(labelled) else []
-    index = {name: i for i, name in enumerate(classes)}
-    items = []
-    for row in rows:
-        path = Path(row[0].strip())
-        path = path if path.is_absolute() else table.parent / path
-        label = index[row[1].strip()] if classes else -1
-        items.append(Item(partial(encode_file, path), label, str(path)))
-    return items, classes
-
-
-def source_splits(src: str, val_fraction: float, seed: int) -> tuple[dict[str, list[Item]], list[str]]:
-    """Items per split (`train`, and `val` or a built-in's `test`) plus class names."""
-    spec = parse_builtin(src)
-    if spec is not None:
+def _ordered(source: Source, val_fraction: float, seed: int) -> dict[str, list[Item]]:
+    """The splits to write: a built-in's own; a folder's or table's in a seeded order, `val` cut off."""
+    if source.builtin:
         if val_fraction:
-            raise DataError(f"built-in set '{src}' has a fixed test split; drop --val-fraction")
-        splits = {}
-        for split in SPLITS:
-            images, labels = builtin_arrays(spec, split)
-            splits[split] = [
-                Item(partial(encode_array, img), int(lab), f"{src}/{split}/{i}")
-                for i, (img, lab) in enumerate(zip(images, labels, strict=True))
-            ]
-        return splits, builtin_classes(spec)
-    path = Path(src)
-    if path.is_dir():
-        items, classes = folder_items(path)
-    elif path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        items, classes = table_items(path)
-    else:
-        raise DataError(
-            f"shards source '{src}' is neither a built-in set (digits, shapes), a folder nor a .csv/.tsv file"
-        )
+            raise DataError(f"built-in set '{source.name}' has a fixed test split; drop --val-fraction")
+        return source.splits
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    items = source.splits["train"]
     order = np.random.default_rng(seed).permutation(len(items))
     n_val = int(round(len(items) * val_fraction))
     splits = {"train": [items[i] for i in order[n_val:]]}
     if n_val:
         splits["val"] = [items[i] for i in order[:n_val]]
-    return splits, classes
+    return splits
 
 
-def _write_split(
-    items: list[Item], out: Path, split: str, shard_size: int, strict: bool, stats: dict[str, Any]
+def _shard_size(source: Source, split_items: list[Item], shard_size: int | None) -> int:
+    if shard_size is not None:
+        return shard_size
+    return max(math.ceil(len(split_items) / BUILTIN_SHARDS_PER_SPLIT), 1) if source.builtin else SHARD_SIZE
+
+
+def settings_key(source: Source, shard_size: int | None, val_fraction: float, seed: int) -> str:
+    """What the shards' bytes depend on: the format, the source's content and the writer's settings.
+
+    `strict` and the worker count are left out: they never change what is written.
+    """
+    parts = [FORMAT, source.fingerprint, source.classes, shard_size, val_fraction, seed]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def write_source(
+    source: Source,
+    out: Path,
+    shard_size: int | None = None,
+    val_fraction: float = 0.0,
+    strict: bool = False,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    shards: list[dict[str, Any]] = []
-    written = 0
+    """Write a loaded source as `out/<split>-%06d.tar` plus `out/manifest.json`; returns the manifest.
 
-    def closed(fname: str) -> None:  # ShardWriter's `post`: called as each shard closes
-        shards.append({"file": Path(fname).name, "count": sink.count})
+    An unfinished write of the same source and settings in `out` is continued (`writer.Journal`).
+    `workers` None: the available cores, or one process for small sources.
+    """
+    if shard_size is not None and shard_size < 1:
+        raise DataError(f"--shard-size must be at least 1, got {shard_size}")
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+    if (out / MANIFEST).exists() or (any(out.glob("*.tar")) and not (out / JOURNAL).exists()):
+        raise DataError(f"{out} already holds shards; choose another --out or remove them")
+    if source.note:
+        log.info("%s", source.note)
+    splits = _ordered(source, val_fraction, seed)
+    journal = Journal(out, settings_key(source, shard_size, val_fraction, seed))
+    sizes = {split: _shard_size(source, items, shard_size) for split, items in splits.items()}
+    total = sum(len(items) for items in splits.values())
+    workers = workers or max(1, min(_cores(), total // MIN_IMAGES_PER_WORKER))
+    start = time.perf_counter()
+    with tqdm(total=total, disable=not progress, unit="img", desc="shards", dynamic_ncols=True) as bar:
+        written = write_splits(splits, sizes, out, strict, workers, journal, bar.update)
+    manifest = _manifest(source, written, shard_size, val_fraction, seed, strict)
+    if not any(s["count"] for s in manifest["splits"].values()):
+        raise DataError(f"'{source.name}': no readable image; nothing written")
+    manifest["write_seconds"] = round(time.perf_counter() - start, 3)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out / JOURNAL).unlink(missing_ok=True)
+    return manifest
 
-    sink = wds.ShardWriter(
-        str(out / f"{split}-%06d.tar"),
-        maxcount=shard_size,
-        maxsize=MAX_SHARD_BYTES,
-        post=closed,
-        verbose=0,
-        mtime=int(time.time()),  # an integer: TarWriter's default float mtime costs a PAX header per member
-    )
-    with sink:
-        for item in items:
-            try:
-                data, ext, size, mode = item.load()
-            except Exception as exn:
-                if strict:
-                    raise DataError(f"{item.where}: unreadable image ({type(exn).__name__}: {exn})") from None
-                log.warning("skipping unreadable image %s (%s)", item.where, type(exn).__name__)
-                stats["skipped"].append({"path": item.where, "error": f"{type(exn).__name__}: {exn}"[:200]})
-                continue
-            sample = {"__key__": f"{split}-{written:08d}", ext: data}
-            if item.label >= 0:
-                sample["cls"] = str(item.label).encode("ascii")
-            sink.write(sample)
-            written += 1
-            stats["sizes"].append(size)
-            stats["modes"][mode] += 1
-    if not written:  # ShardWriter opens its first shard before any write
-        (out / f"{split}-000000.tar").unlink(missing_ok=True)
-        return {"count": 0, "pattern": "", "shards": []}
-    return {"count": written, "pattern": f"{split}-{{000000..{len(shards) - 1:06d}}}.tar", "shards": shards}
+
+def _manifest(
+    source: Source,
+    written: dict[str, list[dict[str, Any]]],
+    shard_size: int | None,
+    val_fraction: float,
+    seed: int,
+    strict: bool,
+) -> dict[str, Any]:
+    """The manifest of a complete write, its image statistics summed over every shard's."""
+    shards = [s for entries in written.values() for s in entries]
+    stats = [s["stats"] for s in shards if s["count"]]
+    modes: dict[str, int] = {}
+    for s in stats:
+        for mode, n in s["modes"].items():
+            modes[mode] = modes.get(mode, 0) + n
+    splits = {}
+    for split, entries in written.items():
+        files = [{"file": s["file"], "count": s["count"]} for s in entries]
+        pattern = f"{split}-{{000000..{len(entries) - 1:06d}}}.tar" if entries else ""
+        splits[split] = {"count": sum(s["count"] for s in entries), "pattern": pattern, "shards": files}
+    count = sum(s["count"] for s in shards)
+    return {
+        "format": FORMAT,
+        "source": source.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ssl_vit_version": __version__,
+        "params": {"shard_size": shard_size, "val_fraction": val_fraction, "seed": seed, "strict": strict},
+        "labelled": source.labelled,
+        "classes": source.classes,
+        "splits": splits,
+        "images": {
+            "width": _summary([s["width"] for s in stats], count),
+            "height": _summary([s["height"] for s in stats], count),
+            "modes": modes,
+        },
+        "skipped": {
+            "count": sum(s["stats"]["skipped"] for s in shards),
+            "examples": [e for s in shards for e in s["stats"]["examples"]][:20],
+            **source.listing,
+        },
+    }
 
 
 def write_shards(
@@ -202,53 +170,27 @@ def write_shards(
     val_fraction: float = 0.0,
     strict: bool = False,
     seed: int = 0,
+    labels: str = "auto",
+    workers: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Write `out/<split>-%06d.tar` and `out/manifest.json`; returns the manifest.
+    """Write `out/<split>-%06d.tar` and `out/manifest.json` from `src`; returns the manifest.
 
     `shard_size` None: 1000 samples per shard, or 16 shards per split for built-in sets (so up to 16
-    processes x workers can read a split without resampling).
+    processes x workers can read a split without resampling). `labels`: auto, folders or none
+    (`ssl_vit.data.folder`). A rerun after an interruption continues the unfinished write.
     """
-    if shard_size is not None and shard_size < 1:
-        raise DataError(f"--shard-size must be at least 1, got {shard_size}")
-    if (out / MANIFEST).exists() or any(out.glob("*.tar")):
-        raise DataError(f"{out} already holds shards; choose another --out or remove them")
-    splits, classes = source_splits(src, val_fraction, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    stats: dict[str, Any] = {"sizes": [], "modes": Counter(), "skipped": []}
-    start = time.perf_counter()
-    written = {}
-    for split, items in splits.items():
-        size = shard_size or (
-            math.ceil(len(items) / BUILTIN_SHARDS_PER_SPLIT) if parse_builtin(src) else 1000
-        )
-        written[split] = _write_split(items, out, split, max(size, 1), strict, stats)
-    if not any(s["count"] for s in written.values()):
-        raise DataError(f"'{src}': no readable image; nothing written")
-    sizes = np.array(stats["sizes"], dtype=np.float64).reshape(-1, 2)
-    manifest = {
-        "format": FORMAT,
-        "source": src,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "ssl_vit_version": __version__,
-        "params": {"shard_size": shard_size, "val_fraction": val_fraction, "seed": seed, "strict": strict},
-        "classes": classes,
-        "splits": written,
-        "images": {
-            "width": _summary(sizes[:, 0]),
-            "height": _summary(sizes[:, 1]),
-            "modes": dict(stats["modes"]),
-        },
-        "skipped": {"count": len(stats["skipped"]), "examples": stats["skipped"][:20]},
-        "write_seconds": round(time.perf_counter() - start, 3),
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
+    return write_source(
+        load_source(src, labels), out, shard_size, val_fraction, strict, seed, workers, progress
+    )
 
 
-def _summary(values: np.ndarray) -> dict[str, float]:
-    if values.size == 0:
+def _summary(parts: list[list[float]], count: int) -> dict[str, float]:
+    """min, max and mean from per-shard [min, max, sum] triples."""
+    if not count:
         return {}
-    return {"min": float(values.min()), "max": float(values.max()), "mean": round(float(values.mean()), 2)}
+    low, high, total = min(p[0] for p in parts), max(p[1] for p in parts), sum(p[2] for p in parts)
+    return {"min": float(low), "max": float(high), "mean": round(total / count, 2)}
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

@@ -1,25 +1,23 @@
 """From a recipe's `data.train` string to a list of shard URLs, checked before training starts.
 
 A source is one of:
-- a built-in name (`digits`, `shapes`, `shapes:TRAIN:TEST`): its shards are written once into a
-  cache folder (`data.cache_dir`, else `$SSL_VIT_CACHE`, else `$XDG_CACHE_HOME/ssl_vit` or
-  `~/.cache/ssl_vit`) named after the set and a hash of the code that generates it;
+- a built-in name (`digits`, `shapes`, `shapes:TRAIN:TEST`), a folder of images (with class folders
+  or without labels) or a CSV/TSV of image paths: its shards are written once into the data cache
+  (`ssl_vit.data.cache`) and reused;
 - a folder of shards: the split's shards listed in its `manifest.json`, or every `*.tar` in it;
 - WebDataset URLs: brace patterns (`DIR/train-{000000..000099}.tar`), several joined by `::`,
   `pipe:` commands, `file:` or plain paths. Local paths must exist.
 
-The manifest next to local shards (if any) gives class names and sample counts.
+The manifest next to local shards (if any) gives class names, sample counts and whether there are
+labels. The split `heldout` is what evaluators test on when a source is named as test data: its
+`test` or `val` split, else all of it.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import os
-import shutil
 import tarfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,16 +25,20 @@ from urllib.parse import urlparse
 import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from ssl_vit.data import digits, shapes
-from ssl_vit.data import shards as shards_module
-from ssl_vit.data.builtin import BuiltinSpec, parse_builtin
+from ssl_vit.data.builtin import parse_builtin
+from ssl_vit.data.cache import builtin_shards, is_image_source, source_shards
 from ssl_vit.data.safety import IMAGE_EXTS
-from ssl_vit.data.shards import read_manifest, write_shards
+from ssl_vit.data.shards import read_manifest
 from ssl_vit.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SPLIT_ALIASES = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}
+SPLIT_ALIASES = {
+    "train": ("train",),
+    "test": ("test", "val"),
+    "val": ("val", "test"),
+    "heldout": ("test", "val", "train"),
+}
 
 
 @dataclass
@@ -47,51 +49,16 @@ class ShardSet:
     count: int | None
     classes: list[str] | None
     source: str
+    labelled: bool | None = None
 
 
-def cache_root(cache_dir: str | None) -> Path:
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("SSL_VIT_CACHE"):
-        return Path(os.environ["SSL_VIT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "ssl_vit"
-
-
-def _code_hash(spec: BuiltinSpec) -> str:
-    """Changes whenever the generator or the shard format changes, so a stale cache is never read."""
-    digest = hashlib.sha256(spec.tag.encode())
-    for module in (digits, shapes, shards_module):
-        assert module.__file__ is not None
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def builtin_shards(spec: BuiltinSpec, cache_dir: str | None) -> Path:
-    """The cached shard folder of a built-in set, written on first use.
-
-    Written into a private temporary folder and renamed into place: two processes (DDP ranks, or two
-    runs) that miss the cache at once both write, one rename wins, the other discards its copy.
-    """
-    root = cache_root(cache_dir)
-    final = root / f"{spec.tag}-{_code_hash(spec)}"
-    if (final / shards_module.MANIFEST).is_file():
-        return final
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exn:
-        raise DataError(f"cannot create the data cache {root} ({exn}); set data.cache_dir") from None
-    tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    log.info("writing %s shards once into %s", spec.tag, final)
-    try:
-        write_shards(spec.source, tmp)
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / shards_module.MANIFEST).is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+def prepare(source: str, cache_dir: str | None = None) -> Path | None:
+    """The cached shard folder of a built-in set, a folder of images or a table, written first where
+    it is not there yet; None for shards, which need no preparing."""
+    spec = parse_builtin(source)
+    if spec is not None:
+        return builtin_shards(spec, cache_dir)
+    return source_shards(source, cache_dir) if is_image_source(Path(source).expanduser()) else None
 
 
 def is_local(url: str) -> bool:
@@ -116,26 +83,24 @@ def _from_manifest(folder: Path, manifest: dict, split: str, source: str) -> Sha
     urls = [str(folder / s["file"]) for s in entry["shards"]]
     if not urls:
         raise DataError(f"'{source}': split '{name}' has no shards")
-    return ShardSet(urls, int(entry["count"]), list(manifest.get("classes") or []) or None, source)
+    classes = list(manifest.get("classes") or []) or None
+    labelled = bool(manifest.get("labelled", classes is not None))
+    return ShardSet(urls, int(entry["count"]), classes, source, labelled)
 
 
 def resolve(source: str, split: str = "train", cache_dir: str | None = None) -> ShardSet:
     """The shards of `split` in `source`; a one-line `DataError` if there are none."""
     if not source or not source.strip():
-        raise DataError("data.train is empty; name a built-in set (digits, shapes) or shard URLs")
-    spec = parse_builtin(source)
-    if spec is not None:
-        folder = builtin_shards(spec, cache_dir)
-        return _from_manifest(folder, read_manifest(folder) or {}, split, source)
+        raise DataError("data.train is empty; name a built-in set (digits, shapes), a folder or shard URLs")
+    cache = prepare(source, cache_dir)
+    if cache is not None:
+        return _from_manifest(cache, read_manifest(cache) or {}, split, source)
     folder = Path(source).expanduser()
     if folder.is_dir():
         manifest = read_manifest(folder)
         if manifest is not None:
             return _from_manifest(folder, manifest, split, source)
-        urls = sorted(str(p) for p in folder.glob("*.tar"))
-        if not urls:
-            raise DataError(f"'{source}' is a folder without manifest.json or *.tar shards")
-        return ShardSet(urls, None, None, source)
+        return ShardSet(sorted(str(p) for p in folder.glob("*.tar")), None, None, source)
     urls = expand(source)
     if not urls:
         raise DataError(f"data source '{source}' expands to no shard URL")
@@ -144,9 +109,26 @@ def resolve(source: str, split: str = "train", cache_dir: str | None = None) -> 
         raise DataError(
             f"data source '{source}': {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})"
         )
+    if split == "heldout":  # URLs named as test data: those very shards
+        return _with_manifest_facts(urls, source)
     if split != "train":
         return _split_of_pattern(urls, split, source)
     return _with_manifest_facts(urls, source)
+
+
+def has_labels(source: str, split: str = "train", cache_dir: str | None = None) -> bool:
+    """Whether `source` has labels: from its manifest, else a scan of local shards' `.cls` members.
+
+    Remote shards without a manifest count as labelled (nothing to scan cheaply); the stream finds out.
+    """
+    if parse_builtin(source) is not None:
+        return True
+    shards = resolve(source, split, cache_dir)
+    if shards.labelled is not None:
+        return shards.labelled
+    if not all(is_local(url) for url in shards.urls):
+        return True
+    return scan(shards.urls)[1] >= 0
 
 
 def _manifest_near(urls: list[str]) -> tuple[Path, dict] | None:
@@ -171,7 +153,8 @@ def _with_manifest_facts(urls: list[str], source: str) -> ShardSet:
         if all(str(local_path(u)) in counts for u in urls)
         else None
     )
-    return ShardSet(urls, total, list(manifest.get("classes") or []) or None, source)
+    classes = list(manifest.get("classes") or []) or None
+    return ShardSet(urls, total, classes, source, bool(manifest.get("labelled", classes is not None)))
 
 
 def _split_of_pattern(urls: list[str], split: str, source: str) -> ShardSet:
