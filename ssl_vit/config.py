@@ -110,6 +110,7 @@ class CkptConfig:
 class LogConfig:
     every_steps: int = 10
     tensorboard: bool = False
+    sample_keys: bool = False  # each process writes the keys it consumed to RUN_DIR/samples/rank-R.txt
 
 
 @dataclass
