@@ -3,8 +3,8 @@
     python bench/loader.py --out bench/loader.json                # defaults: 4000 JPEGs of 96 px
     python bench/loader.py --images 2000 --image-size 160 --workers 1 2 4
 
-Full pipeline: read tar -> group -> shuffle buffer -> safe decode -> two contrastive views -> batch
-(`ssl_vit.data.stream`). Bare loop: a map-style dataset that seeks each image inside the same tar
+Full pipeline: the exact stream (`ssl_vit.data.exact`: tar index built before timing, samples read
+by offset in the epoch's order -> safe decode -> two contrastive views -> batch). Bare loop: a map-style dataset that seeks each image inside the same tar
 files (index built before timing), PIL decode, the same views, a torch DataLoader with the same
 batch size and worker count; no webdataset. After a warm-up epoch each, the two take turns for
 `--repeats` epochs and the best epoch of each counts (robust to load from other processes).
@@ -38,9 +38,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ssl_vit.data.loader import build_loader  # noqa: E402
 from ssl_vit.data.safety import pil_to_tensor  # noqa: E402
 from ssl_vit.data.shapes import render  # noqa: E402
-from ssl_vit.data.stream import build_loader, collate  # noqa: E402
+from ssl_vit.data.stream import collate  # noqa: E402
 from ssl_vit.data.views import MultiView  # noqa: E402
 from ssl_vit.types import ViewSpec  # noqa: E402
 
@@ -186,7 +187,7 @@ def main() -> None:
         urls = write_jpeg_shards(Path(tmp), args.images, args.image_size, args.per_shard)
         for workers in args.workers:
             stream = build_loader(
-                urls, args.images, views, 3, args.batch_size, 0, num_workers=workers, rank=0, world=1
+                urls, args.images, views, 3, args.batch_size, 0, num_workers=workers, cache_dir=tmp
             )
             bare = DataLoader(
                 BareTarImages(urls, views),

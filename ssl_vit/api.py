@@ -25,7 +25,7 @@ from ssl_vit.rundir import CHECKPOINTS_DIR, RunDir
 if TYPE_CHECKING:
     import numpy as np
 
-    from ssl_vit.config import Recipe
+    from ssl_vit.config import Recipe, TrainConfig
     from ssl_vit.eval.compare import Protocol
     from ssl_vit.eval.features import EvalModel
     from ssl_vit.eval.finetune import FinetuneConfig
@@ -81,6 +81,7 @@ def pretrain(
             f"objective '{r.objective['name']}' needs labels, but data.train '{r.data.train}' has none; "
             "use labelled data (class folders) or a self-supervised objective (mae, simclr, dino, ...)"
         )
+    train = _resume_train(r.train, ckpt, world.num_processes, main and not quiet)
     torch.manual_seed(r.seed)
     backbone = backbone_from_config(r.model)  # applies model.init_from
     objective = objectives.build(
@@ -95,7 +96,7 @@ def pretrain(
         objective.views(),
         r.model.img_size,
         r.model.in_chans,
-        r.train.batch_size,
+        train.batch_size,
         r.seed,
         rank=world.process_index,
         world=world.num_processes,
@@ -135,7 +136,7 @@ def pretrain(
         monitor=monitor,
         monitor_every=monitor_every,
     )
-    cfg = FitConfig(r.optim, r.train, r.ckpt, r.log, r.seed)
+    cfg = FitConfig(r.optim, train, r.ckpt, r.log, r.seed)
     result = fit(objective, loader, cfg, run_dir, resume=ckpt, report=report)
     if not main:
         return run_dir
@@ -160,6 +161,30 @@ def pretrain(
             result.final_loss,
         )
     return run_dir
+
+
+def _resume_train(train: TrainConfig, ckpt: Path | None, processes: int, say: bool) -> TrainConfig:
+    """On a resume, the per-process batch that keeps the checkpoint's global batch at this number of
+    processes (a one-line error where it does not divide), so lr, steps and the sample order stay
+    the run's; the saved recipe keeps its own `train.batch_size`."""
+    from ssl_vit.engine.policy import meta_plan, resume_batch
+
+    if ckpt is None:
+        return train
+    saved = meta_plan(ckpt)
+    batch = resume_batch(saved, processes, ckpt)
+    if batch is None or (batch == train.batch_size and saved["num_processes"] == processes):
+        return train
+    if say:
+        log.info(
+            "resuming %s of %d process(es) x %d images on %d: %d images per process, global batch unchanged",
+            ckpt.name,
+            saved["num_processes"],
+            saved["per_device_batch"],
+            processes,
+            batch,
+        )
+    return replace(train, batch_size=batch)
 
 
 def _flat(recipe: Recipe) -> dict[str, Any]:

@@ -57,7 +57,8 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.5])
     num_workers: int = 0
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # resampled streaming: samples in the shuffle buffer
+    shuffle_block: int = 1 << 18  # exact stream: samples permuted together (whole shards; data.md)
     strict: bool = False
     cache_dir: str | None = None
     aug_strength: float = 1.0
@@ -110,6 +111,7 @@ class CkptConfig:
 class LogConfig:
     every_steps: int = 10
     tensorboard: bool = False
+    sample_keys: bool = False  # each process writes the keys it consumed to RUN_DIR/samples/rank-R.txt
 
 
 @dataclass

@@ -5,6 +5,7 @@
       checkpoints/step-N/    checkpoints; one is valid once its meta.json lists every file at its size
       metrics.jsonl          one JSON object per logged step (`RunDir.metrics`)
       train_state.json       the engine's plan, history and per-process weights digests
+      samples/rank-R.txt     with `log.sample_keys`: `step<TAB>epoch<TAB>key` per sample process R consumed
       summary.json           written when a (re)start ends (`RunDir.summary`)
       backbone/              the export plain timm loads
       eval/<name>.json       evaluator results (`RunDir.eval_result`)
@@ -41,7 +42,9 @@ SUMMARY_FILE = "summary.json"
 BACKBONE_DIR = "backbone"
 EVAL_DIR = "eval"
 FIGURES_DIR = "figures"
-ENGINE_FILES = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, TRAIN_STATE_FILE)  # what a fresh start drops
+SAMPLES_DIR = "samples"
+# What a fresh start drops.
+ENGINE_FILES = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, TRAIN_STATE_FILE, SAMPLES_DIR)
 
 CKPT_PREFIX = "step-"
 CKPT_TMP_PREFIX = ".tmp-"
@@ -89,6 +92,21 @@ class RunDir:
     @property
     def figures(self) -> Path:
         return self.path / FIGURES_DIR
+
+    @property
+    def samples(self) -> Path:
+        return self.path / SAMPLES_DIR
+
+    def sample_file(self, rank: int) -> Path:
+        """Process `rank`'s keys of the samples it consumed (`log.sample_keys`)."""
+        return self.samples / f"rank-{rank}.txt"
+
+    def sample_files(self) -> list[Path]:
+        """Every process's sample file, in rank order (ranks of earlier process counts included)."""
+        if not self.samples.is_dir():
+            return []
+        found = [p for p in self.samples.glob("rank-*.txt") if p.stem[5:].isdigit()]
+        return sorted(found, key=lambda p: int(p.stem[5:]))
 
     def exists(self) -> bool:
         """A run directory is a folder with its `recipe.yaml`."""
@@ -154,6 +172,15 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
         if isinstance(record, dict) and "step" in record:
             records.append(record)
     return records
+
+
+def read_sample_keys(path: Path) -> list[tuple[int, int, str]]:
+    """(step, epoch, key) per line of a `samples/rank-R.txt` file."""
+    rows = []
+    for line in path.read_text().splitlines():
+        step, epoch, key = line.split("\t", 2)
+        rows.append((int(step), int(epoch), key))
+    return rows
 
 
 def _read_json_object(path: Path) -> dict[str, Any] | None:

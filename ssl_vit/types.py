@@ -34,12 +34,14 @@ class Batch:
     """A batch as objectives receive it.
 
     `views[i]` is (B, C, H, W), normalised; global views first, then local views.
-    `labels` is (B,) int64, -1 where a sample has no label.
+    `labels` is (B,) int64, -1 where a sample has no label. `keys` names the samples (their shard
+    keys, for `log.sample_keys`), where the loader knows them; empty otherwise.
     """
 
     views: list[Tensor]
     labels: Tensor
     meta: dict[str, Tensor] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> Batch:
         """Move every tensor to `device` (accelerate's `send_to_device` calls this)."""
@@ -47,6 +49,7 @@ class Batch:
             views=[v.to(device, non_blocking=True) for v in self.views],
             labels=self.labels.to(device, non_blocking=True),
             meta={k: v.to(device, non_blocking=True) for k, v in self.meta.items()},
+            keys=self.keys,
         )
 
     def __len__(self) -> int:

@@ -244,8 +244,11 @@ def test_ema_teacher_follows_the_scheduled_momentum_and_is_checkpointed(tmp_path
 
 
 class _Indices(Dataset[int]):
+    def __init__(self, n: int = 40) -> None:
+        self.n = n
+
     def __len__(self) -> int:
-        return 40
+        return self.n
 
     def __getitem__(self, index: int) -> int:
         return index
@@ -260,6 +263,7 @@ class _OneRank:
 
     def __init__(self, rank: int, world: int) -> None:
         self.rank, self.world, self.device = rank, world, torch.device("cpu")
+        self.num_processes = world
 
     def prepare_data_loader(self, loader: DataLoader[int], device_placement: bool = False) -> Any:
         from accelerate.data_loader import prepare_data_loader
@@ -274,8 +278,8 @@ class _OneRank:
         return skip_first_batches(loader, n)
 
 
-def _stream(rank: int = 0, world: int = 1) -> BatchStream:
-    loader = DataLoader(_Indices(), batch_size=4, shuffle=True, drop_last=True, collate_fn=_batches)
+def _stream(rank: int = 0, world: int = 1, batch: int = 4, n: int = 40) -> BatchStream:
+    loader = DataLoader(_Indices(n), batch_size=batch, shuffle=True, drop_last=True, collate_fn=_batches)
     return BatchStream(_OneRank(rank, world), loader, len(loader), seed=7)  # type: ignore[arg-type]
 
 
@@ -298,6 +302,19 @@ def test_stream_shards_ranks_and_resumes_at_any_position() -> None:
         start = epoch * 10 + offset
         assert _take(resumed, 5) == whole[start : start + 5]
         assert torch.equal(torch.get_rng_state(), rng)  # opening and skipping draw nothing
+
+
+def test_map_style_order_and_position_are_the_same_at_any_number_of_processes() -> None:
+    one = _take(_stream(batch=8, n=44), 10)  # 5 steps an epoch: 44 // 8, the last 4 dropped
+    for world in (2, 4):
+        ranks = [_stream(r, world, batch=8 // world, n=44) for r in range(world)]
+        assert ranks[0].batches_per_epoch == 5  # accelerate would pad a 6th step from the start
+        steps = zip(*(_take(s, 10) for s in ranks), strict=True)
+        assert [sum(step, []) for step in steps] == one
+        resumed = [_stream(r, world, batch=8 // world, n=44) for r in range(world)]
+        for s in resumed:
+            s.seek(0, 3)  # 3 micro-batches of 8 in, whatever the process count
+        assert [sum(step, []) for step in zip(*(_take(s, 4) for s in resumed), strict=True)] == one[3:7]
 
 
 class _Streaming:

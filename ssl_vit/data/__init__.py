@@ -14,9 +14,10 @@ import logging
 from ssl_vit.config import DataConfig
 from ssl_vit.data.builtin import BUILTIN, builtin_classes, parse_builtin
 from ssl_vit.data.evalsets import eval_split, evaluation_data, load_images, require_labels
+from ssl_vit.data.loader import StreamLoader, build_loader
 from ssl_vit.data.safety import reset_skip_counts, skip_counts
 from ssl_vit.data.sources import has_labels, is_local, prepare, resolve, scan
-from ssl_vit.data.stream import StreamLoader, build_loader, collate
+from ssl_vit.data.stream import collate
 from ssl_vit.data.views import MultiView
 from ssl_vit.types import ViewSpec
 
@@ -69,32 +70,28 @@ def train_loader(
     *,
     rank: int = 0,
     world: int = 1,
-    resampled: bool | None = None,
 ) -> StreamLoader:
-    """Shuffled, augmented batches of `cfg.train` streamed from shards; `len()` = batches per epoch.
+    """Shuffled, augmented batches of `cfg.train` read from shards; `len()` = batches per epoch.
 
     Incomplete batches are dropped. This process reads the share of `rank` among `world` processes:
     the caller says which (under torchrun, from the engine's `processes(...)`); one process by
-    default. See `ssl_vit.data.stream` for the exact and resampled modes.
+    default. See `ssl_vit.data.loader` for the exact and resampled modes.
     """
     shards = resolve(cfg.train, "train", cfg.cache_dir)
-    count = shards.count
-    if count is None and cfg.samples_per_epoch is None:
-        log.info("no manifest.json beside %s: counting its samples", cfg.train)
-        count, _ = scan(shards.urls)
     views = MultiView.for_data(spec, img_size, in_chans, cfg)
     return build_loader(
         shards.urls,
-        count,
+        shards.count,
         views,
         in_chans,
         batch_size,
         seed,
         num_workers=cfg.num_workers,
         shuffle_buffer=cfg.shuffle_buffer,
+        shuffle_block=cfg.shuffle_block,
         strict=cfg.strict,
         samples_per_epoch=cfg.samples_per_epoch,
         rank=rank,
         world=world,
-        resampled=resampled,
+        cache_dir=cfg.cache_dir,
     )

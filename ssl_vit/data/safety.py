@@ -112,32 +112,33 @@ def _npy_to_tensor(data: bytes, in_chans: int) -> Tensor:
     return pil_to_tensor(Image.fromarray(array.squeeze()), in_chans)
 
 
+def image_member(exts: list[str], where: str) -> str:
+    """The extension whose bytes hold a sample's image, from the names of its members alone (the
+    exact stream screens samples with it before reading any byte). Raises `BadSample` for a
+    pickle payload or a sample without an image."""
+    pickled = sorted(k for k in exts if _extensions(k) & PICKLE_EXTS)
+    if pickled:
+        raise BadSample("pickle_payload", where, f"carries '.{pickled[0]}' (pickle); never unpickled")
+    image_key = next((e for e in (*IMAGE_EXTS, "npy") if e in exts), None)
+    if image_key is None:
+        raise BadSample("missing_image", where, f"no image among {sorted(exts)}")
+    return image_key
+
+
 def decode_sample(sample: dict[str, object], in_chans: int) -> tuple[Tensor, int]:
     """A raw sample (bytes per extension) -> image (C, H, W) uint8 and label (-1 if unlabelled).
 
     Raises `BadSample`. Bytes of extensions outside the whitelist are never looked at.
     """
-    exts = [k for k in sample if not k.startswith("__")]
-    pickled = sorted(k for k in exts if _extensions(k) & PICKLE_EXTS)
-    if pickled:
-        raise BadSample(
-            "pickle_payload", _where(sample), f"carries '.{pickled[0]}' (pickle); never unpickled"
-        )
-    image_key = next((e for e in IMAGE_EXTS if e in sample), None)
+    image_key = image_member([k for k in sample if not k.startswith("__")], _where(sample))
     try:
-        if image_key is not None:
-            data = sample[image_key]
-            assert isinstance(data, bytes)
-            with Image.open(io.BytesIO(data)) as img:
-                image = pil_to_tensor(img, in_chans)
-        elif "npy" in sample:
-            data = sample["npy"]
-            assert isinstance(data, bytes)
+        data = sample[image_key]
+        assert isinstance(data, bytes)
+        if image_key == "npy":
             image = _npy_to_tensor(data, in_chans)
         else:
-            raise BadSample("missing_image", _where(sample), f"no image among {sorted(exts)}")
-    except BadSample:
-        raise
+            with Image.open(io.BytesIO(data)) as img:
+                image = pil_to_tensor(img, in_chans)
     except Exception as exn:
         raise BadSample("bad_image", _where(sample), f"undecodable image ({type(exn).__name__})") from None
     label = -1

@@ -21,6 +21,7 @@ from ssl_vit.config import CkptConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.engine.ema import Teacher
 from ssl_vit.engine.metrics import Reporter, Reporting
 from ssl_vit.engine.policy import CheckpointPolicy
+from ssl_vit.engine.samples import SampleLog
 from ssl_vit.engine.setup import (
     check_config,
     ensure_writable,
@@ -106,12 +107,13 @@ def fit(
     saver = CheckpointPolicy(accelerator, model, optimizer, run, plan, cfg.ckpt)
     state = saver.start(resume)
     stream.seek(state.epoch, state.batch_in_epoch)  # where the checkpoint left the data
+    samples = SampleLog(accelerator, run, cfg.log.sample_keys, state.step)
     reporter = Reporter(accelerator, run, cfg.log, plan.total_steps, state, report or Reporting())
     guard = BadStepGuard(train.max_bad_steps, warn=accelerator.is_main_process)
     result: StepResult | None = None
     lap = time.perf_counter()
     model.train()
-    with StopRequest() as stop_request, reporter:
+    with StopRequest() as stop_request, reporter, samples:
         while state.step < plan.total_steps:
             step = state.step
             hyper = schedules(plan, optim, step)  # (lr, weight decay)
@@ -121,6 +123,7 @@ def fit(
             momentum = teacher.update(result.applied, step, plan.total_steps)
             state.step += 1
             state.epoch, state.batch_in_epoch = stream.epoch, stream.batch_in_epoch
+            samples.write(state.step, stream.take_keys())  # before this step's checkpoint
             state.images_seen += result.images * accelerator.num_processes
             guard.count(result, state)
             reporter.step(result, state, (*hyper, momentum))

@@ -23,7 +23,8 @@ from ssl_vit.config import CkptConfig
 from ssl_vit.engine.metrics import write_json
 from ssl_vit.engine.setup import Plan
 from ssl_vit.engine.state import TrainState, load_training_state, save_training_state
-from ssl_vit.rundir import RunDir, weights_digest
+from ssl_vit.errors import CheckpointError, RecipeError
+from ssl_vit.rundir import RunDir, read_checkpoint_meta, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class CheckpointPolicy:
         """A fresh `TrainState`, or the one `resume` holds (with model, optimiser and RNG restored)."""
         state = TrainState(num_processes=self.accelerator.num_processes)
         if resume is not None:
+            check_micro_batch(meta_plan(resume), self.plan, resume)
             state, meta = load_training_state(self.accelerator, self.model, self.optimizer, resume)
             self.history = list(meta.get("history", []))
             log.info("resumed from %s (step %d, epoch %d)", resume, state.step, state.epoch)
@@ -101,3 +103,40 @@ class CheckpointPolicy:
                 log.error("processes ended with different weights: %s", digests)
             record = {**asdict(self.plan), "history": self.history, "weights_sha256": digests}
             write_json(self.run.train_state_file, record)
+
+
+def meta_plan(ckpt: Path) -> dict[str, Any]:
+    """The `Plan` a checkpoint was written under, as a dict ({} for checkpoints without one)."""
+    plan = read_checkpoint_meta(ckpt).get("plan")
+    return plan if isinstance(plan, dict) else {}
+
+
+def micro_batch(saved: dict[str, Any]) -> int | None:
+    """A saved plan's global micro-batch (per-process batch x processes); None without a plan."""
+    return saved["per_device_batch"] * saved["num_processes"] if "per_device_batch" in saved else None
+
+
+def check_micro_batch(saved: dict[str, Any], plan: Plan, ckpt: Path) -> None:
+    """A resume must keep the global micro-batch: the data position in the checkpoint counts
+    micro-batches of that size. `ssl_vit.pretrain` adapts the per-process batch to a new process
+    count (`resume_batch`); this stops callers of `fit` that do not."""
+    before = micro_batch(saved)
+    if before is not None and before != plan.per_device_batch * plan.num_processes:
+        raise CheckpointError(
+            f"{ckpt} was trained with {saved['num_processes']} process(es) x {saved['per_device_batch']} "
+            f"images per micro-batch, this run has {plan.num_processes} x {plan.per_device_batch}; "
+            f"keep the {before} images per micro-batch (batch size = {before} / processes)"
+        )
+
+
+def resume_batch(saved: dict[str, Any], processes: int, ckpt: Path) -> int | None:
+    """The per-process batch that keeps a checkpoint's global micro-batch on `processes` processes
+    (None for checkpoints without a plan); a one-line `RecipeError` when it does not divide."""
+    before = micro_batch(saved)
+    if before is not None and before % processes:
+        raise RecipeError(
+            f"resuming {ckpt.name} on {processes} processes: its global batch of {before} images per "
+            f"micro-batch ({saved['num_processes']} process(es) x {saved['per_device_batch']}) does not "
+            f"divide among them; resume on a number of processes that divides {before}"
+        )
+    return None if before is None else before // processes

@@ -56,7 +56,7 @@ class TrainState:
 
     step: int = 0  # optimiser steps taken (a skipped non-finite step counts: its data is consumed)
     epoch: int = 0  # data position: the epoch being read ...
-    batch_in_epoch: int = 0  # ... and how many of its batches each process has consumed
+    batch_in_epoch: int = 0  # ... and how many of its global micro-batches have been consumed
     images_seen: int = 0  # over all processes
     bad_in_a_row: int = 0  # consecutive non-finite steps
     skipped_steps: int = 0  # non-finite steps skipped in total
@@ -147,16 +147,14 @@ def load_training_state(
         accelerator.scaler.load_state_dict(load_blob(ckpt, SCALER_FILE))
     rng: list[dict[str, Any]] = load_blob(ckpt, RNG_FILE)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if len(rng) != world:
+    if len(rng) != world:  # the sample order stays (same global batch: see `engine.stream`)
         log.warning(
-            "checkpoint %s was written by %d processes, resuming on %d: random draws will differ "
-            "from the uninterrupted run",
+            "checkpoint %s was written by %d processes, resuming on %d: the samples and their order "
+            "stay those of the uninterrupted run, random draws (augmentations, masks) differ",
             ckpt.name,
             len(rng),
             world,
         )
-        # Same global data position, counted in this world's per-process batches.
-        state.batch_in_epoch = state.batch_in_epoch * state.num_processes // world
         state.num_processes = world
     restore_rng(rng[rank % len(rng)], accelerator.device)
     return state, meta

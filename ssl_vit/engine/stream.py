@@ -7,16 +7,27 @@ What the engine needs from a loader (`data.train_loader` or any iterable of `Bat
   map-style dataset the engine gets this itself: accelerate re-shards it across processes and
   replaces its random sampler by a seedable one (`use_seedable_sampler`), which reshuffles with
   seed + epoch. Any other iterable (e.g. WebDataset streaming) must shard itself by rank and
-  provide `set_epoch(epoch)`, which the engine calls before each epoch;
+  provide `seek(epoch, batch)` or `set_epoch(epoch)`, which the engine calls before each epoch;
 - skipping the first N batches of an epoch on resume. A map-style DataLoader skips indices
-  without reading a sample (accelerate's `SkipBatchSampler`); any other iterable is read and the
+  without reading a sample (accelerate's `SkipBatchSampler`); a loader with `seek` skips itself
+  (`data.StreamLoader`: without reading in its exact mode); any other iterable is read and the
   first N batches dropped.
+
+Elastic: in both exact cases (map-style, and `data.StreamLoader`'s exact mode) process r of W takes
+the r-th slice of each global micro-batch of W x B samples, so with the same W x B the concatenated
+order and the epoch's length are the same at any W, and `batch_in_epoch` (per-process micro-batches)
+means the same data position (a map-style DataLoader needs `drop_last=True`: without it,
+accelerate fills the last step with samples from the epoch's start).
 
 Random draws: batches are fetched one at a time, without look-ahead, so the augmentations of
 batch k (torch's global RNG in the main process when `num_workers=0`) see exactly the RNG state
 that the checkpoint after the previous step recorded. Opening an epoch and skipping batches run
 under a saved-and-restored RNG, so they consume no draws. With `num_workers > 0` the order stays
-exact but workers' augmentation draws after a resume differ from the uninterrupted run.
+exact; workers' augmentation draws after a resume differ from the uninterrupted run, except in
+`data.StreamLoader`'s exact mode, which seeds them per batch.
+
+The keys of the samples consumed (`Batch.keys`) are kept, with their epoch, until `take_keys()`:
+the engine writes them per optimiser step (`log.sample_keys`).
 """
 
 from __future__ import annotations
@@ -74,6 +85,7 @@ class BatchStream:
         self.epoch = 0
         self.batch_in_epoch = 0
         self._it: Iterator[Any] | None = None
+        self._keys: list[tuple[int, list[str]]] = []
 
     def seek(self, epoch: int, batch_in_epoch: int) -> None:
         """Continue from `batch_in_epoch` batches into `epoch` (what a checkpoint recorded)."""
@@ -89,6 +101,10 @@ class BatchStream:
                 skip = self.batch_in_epoch
                 shard = self.accelerator.skip_first_batches(self.shard, skip) if skip else self.shard
                 return iter(shard.base_dataloader)  # no look-ahead: see the module docstring
+            seek = getattr(self.loader, "seek", None)
+            if callable(seek):
+                seek(self.epoch, self.batch_in_epoch)
+                return iter(self.loader)
             set_epoch = getattr(self.loader, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(self.epoch)
@@ -101,6 +117,11 @@ class BatchStream:
     def __iter__(self) -> BatchStream:
         return self
 
+    def take_keys(self) -> list[tuple[int, list[str]]]:
+        """(epoch, sample keys) of each micro-batch consumed since the last call, in order."""
+        keys, self._keys = self._keys, []
+        return keys
+
     def __next__(self) -> Batch:
         for _ in range(2):
             if self._it is None:
@@ -108,6 +129,7 @@ class BatchStream:
             batch = next(self._it, None)
             if batch is not None:
                 self.batch_in_epoch += 1
+                self._keys.append((self.epoch, list(getattr(batch, "keys", []))))
                 return send_to_device(batch, self.accelerator.device)  # type: ignore[no-any-return]
             self._it = None
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
