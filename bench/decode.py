@@ -39,10 +39,11 @@ WIDTH, HEIGHT = 500, 375
 BATCH = 64
 
 
-def photo_like_jpegs(n: int) -> list[bytes]:
-    """`n` JPEGs of WIDTH x HEIGHT: a shapes scene upscaled, plus sensor-like noise (photo-sized files)."""
+def photo_like_jpegs(n: int, first: int = 0) -> list[bytes]:
+    """`n` JPEGs of WIDTH x HEIGHT (numbers `first`...): a shapes scene upscaled, plus sensor-like
+    noise, so the files are as large as photos'."""
     out = []
-    for i in range(n):
+    for i in range(first, first + n):
         rng = np.random.default_rng([11, i])
         scene = Image.fromarray(render(i % 10, rng)).resize((WIDTH, HEIGHT), Image.Resampling.BICUBIC)
         noisy = np.asarray(scene, dtype=np.int16) + rng.normal(0, 25, (HEIGHT, WIDTH, 3)).astype(np.int16)

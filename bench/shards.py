@@ -1,9 +1,9 @@
 """Shard-writing throughput: images/s of `ssl-vit shards` with one process against `--workers N`.
 
-    python bench/shards.py                                   # 5000 JPEGs of 384 px, workers 1 and 2
+    python bench/shards.py                                   # 5000 photo-sized JPEGs, workers 1 and 2
     python bench/shards.py --images 300 --out bench/results/shards-smoke.json
 
-Writes a flat folder of N JPEGs (procedural shapes upscaled to --image-size, q=90), then writes its
+Writes a flat folder of N photo-sized JPEGs (500x375, ~100 KB, as `bench/decode.py`), then writes its
 shards (no labels, 1000 per shard) with each worker count, --repeats times in turn; the best run of
 each counts (robust to load from other processes). The folder is read once before timing, so every
 run finds it in the page cache (a cold disk adds the same read time to each). Every write must give
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import platform
@@ -25,25 +24,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ssl_vit.data.shapes import render  # noqa: E402
 from ssl_vit.data.shards import write_shards  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import photo_like_jpegs  # noqa: E402  (a sibling script, not a package)
 
-def write_jpegs(folder: Path, n: int, size: int) -> int:
-    """`n` shapes images upscaled to `size` px as JPEG q=90; returns the bytes written."""
+
+def write_jpegs(folder: Path, n: int) -> int:
+    """`n` photo-sized JPEGs (`bench/decode.py`: 500x375, ~100 KB like ImageNet's); returns bytes."""
     total = 0
-    for i in range(n):
-        array = render(i % 10, np.random.default_rng([7, i]))
-        buffer = io.BytesIO()
-        Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR).save(
-            buffer, "JPEG", quality=90
-        )
-        (folder / f"{i:06d}.jpg").write_bytes(buffer.getvalue())
-        total += buffer.tell()
+    for start in range(0, n, 500):  # in chunks: the bytes of 5,000 photos need not sit in memory
+        for i, data in enumerate(photo_like_jpegs(min(500, n - start), first=start), start=start):
+            (folder / f"{i:06d}.jpg").write_bytes(data)
+            total += len(data)
     return total
 
 
@@ -66,7 +62,6 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--image-size", type=int, default=384)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3, help="timed writes per worker count (best counts)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/shards-cpu.json"))
@@ -74,7 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "jpegs", Path(tmp) / "shards"
         src.mkdir()
-        size = write_jpegs(src, args.images, args.image_size)
+        size = write_jpegs(src, args.images)
         for path in src.iterdir():  # into the page cache before any timing
             path.read_bytes()
         seconds: dict[int, list[float]] = {w: [] for w in args.workers}
