@@ -137,12 +137,16 @@ def _differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.mark.parametrize(
     "name, teacher_attr, default",
-    [("dino", "teacher_backbone", "teacher"), ("mocov3", "momentum_backbone", "student")],
+    [
+        ("dino", "teacher_backbone", "teacher"),
+        ("ijepa", "teacher_backbone", "teacher"),
+        ("mocov3", "momentum_backbone", "student"),
+    ],
 )
 def test_export_writes_the_backbone_the_paper_evaluates(
     name: str, teacher_attr: str, default: str, tmp_path: Path
 ) -> None:
-    """DINO evaluates its EMA teacher, MoCo v3 its base encoder; after two steps with EMA updates
+    """DINO and I-JEPA evaluate their EMA teacher, MoCo v3 its base encoder; after two steps with EMA updates
     student and teacher differ, and the default export holds exactly the chosen one's tensors."""
     torch.manual_seed(0)
     objective = make(name)
