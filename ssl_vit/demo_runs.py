@@ -29,6 +29,9 @@ DEMO_STEPS: dict[str, dict[str, int]] = {
     "shapes": {"supervised": 200, "mpp": 200, "mae": 300, "simclr": 80, "mocov3": 50, "dino": 40},
 }
 DEMO_DEFAULT_STEPS = 150
+# Objectives with a recipe that the demo runs only when asked (`--objectives`): not yet tuned to learn
+# on the built-in sets (I-JEPA collapses on digits as it stands).
+DEMO_OPT_IN = frozenset({"ijepa"})
 DEMO_FINETUNE_STEPS = 400  # of the 10-shot fine-tune (converged by ~800, BENCHMARKS.md); one draw
 DEMO_PROTOCOL: dict[str, Any] = {  # `eval.compare.Protocol` fields
     "probe": True,
@@ -135,7 +138,8 @@ def demo_jobs(
     overrides: Sequence[str] = (),
     only: Sequence[str] | None = None,
 ) -> list[PretrainJob]:
-    """Every registered objective with a recipe for `data` (or those in `only`), on its demo budget."""
+    """Every registered objective with a recipe for `data` but the `DEMO_OPT_IN` ones (or those in
+    `only`), on its demo budget."""
     from ssl_vit import objectives
     from ssl_vit.config import RECIPES_DIR
     from ssl_vit.errors import RecipeError
@@ -150,7 +154,7 @@ def demo_jobs(
         raise RecipeError(
             f"--objectives: no {data} recipe for {', '.join(unknown)}; choose from {', '.join(names)}"
         )
-    names = [n for n in names if only is None or n in only]
+    names = [n for n in names if (n in only if only is not None else n not in DEMO_OPT_IN)]
     jobs = []
     for name in names:
         steps = max(1, round(DEMO_STEPS.get(data, {}).get(name, DEMO_DEFAULT_STEPS) * steps_scale))
