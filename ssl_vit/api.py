@@ -580,12 +580,13 @@ def demo(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from ssl_vit import demo_runs as demo_lib
+    from ssl_vit.data.shards import available_cores
     from ssl_vit.eval.compare import Protocol
     from ssl_vit.eval.finetune import default_config
 
     data = data or demo_lib.DEMO_DATA
     out = Path(out)
-    cores = demo_lib.available_cores()
+    cores = available_cores()
     jobs = jobs or cores
     threads = threads or max(1, cores // jobs)
     if jobs < 1 or threads < 1:

@@ -342,7 +342,8 @@ def _add_demo(sub: Subparsers) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from ssl_vit.demo_runs import available_cores, headline
+    from ssl_vit.data.shards import available_cores
+    from ssl_vit.demo_runs import headline
     from ssl_vit.eval.report import format_table
 
     start = time.perf_counter()

@@ -54,14 +54,6 @@ class DemoError(SslVitError):
     """A demo step failed; the message names the run and its own error line."""
 
 
-def available_cores() -> int:
-    """Cores this process may run on (the affinity mask, where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 @dataclass
 class PretrainJob:
     """One `ssl-vit pretrain` run of the demo."""

@@ -73,7 +73,9 @@ def settings_key(source: Source, shard_size: int | None, val_fraction: float, se
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def _cores() -> int:
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, where the OS has one): the default number
+    of shard-writing workers, and of the demo's jobs."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
@@ -107,7 +109,7 @@ def write_source(
     journal = Journal(out, settings_key(source, shard_size, val_fraction, seed))
     sizes = {split: _shard_size(source, items, shard_size) for split, items in splits.items()}
     total = sum(len(items) for items in splits.values())
-    workers = workers or max(1, min(_cores(), total // MIN_IMAGES_PER_WORKER))
+    workers = workers or max(1, min(available_cores(), total // MIN_IMAGES_PER_WORKER))
     start = time.perf_counter()
     with tqdm(total=total, disable=not progress, unit="img", desc="shards", dynamic_ncols=True) as bar:
         written = write_splits(splits, sizes, out, strict, workers, journal, bar.update)
