@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ssl_vit.config import Recipe, TrainConfig
+    from ssl_vit.engine.loop import FitResult
     from ssl_vit.eval.compare import Protocol
     from ssl_vit.eval.features import EvalModel
     from ssl_vit.eval.finetune import FinetuneConfig
@@ -65,7 +66,6 @@ def pretrain(
     from ssl_vit.data import class_names, evaluation_data, has_labels, prepare, train_loader
     from ssl_vit.engine.loop import FitConfig, Reporting, ensure_writable, fit, processes
     from ssl_vit.eval.monitor import online_every, online_monitor
-    from ssl_vit.model_card import write_model_card
     from ssl_vit.pretrained import backbone_from_config
 
     r = recipe_obj
@@ -138,9 +138,22 @@ def pretrain(
     )
     cfg = FitConfig(r.optim, train, r.ckpt, r.log, r.seed)
     result = fit(objective, loader, cfg, run_dir, resume=ckpt, report=report)
-    if not main:
-        return run_dir
-    _export_from_objective(objective, run.backbone, r, run_dir, result.seconds, result.images_seen)
+    if main:
+        _finish_run(objective, run, r, result, cached, quiet)
+    # Every process returns once the run directory is complete, so a script reading it on any rank
+    # sees the export; and all ranks then tear down the process group together (one leaving while
+    # another still works aborted a gloo rank at exit, "terminate called without an active exception").
+    world.wait_for_everyone()
+    return run_dir
+
+
+def _finish_run(
+    objective: Objective, run: RunDir, r: Recipe, result: FitResult, cached: Path | None, quiet: bool
+) -> None:
+    """On the main process: export the backbone, write `summary.json` and the model card."""
+    from ssl_vit.model_card import write_model_card
+
+    _export_from_objective(objective, run.backbone, r, run.path, result.seconds, result.images_seen)
     summary = {
         "objective": r.objective["name"],
         "steps": result.steps,
@@ -151,7 +164,7 @@ def pretrain(
     if cached:
         summary["data_shards"] = str(cached)  # where the model card finds the data's manifest
     run.summary_file.write_text(json.dumps(summary, indent=2))
-    write_model_card(run.backbone, run_dir)
+    write_model_card(run.backbone, run.path)
     if not quiet:
         log.info(
             "done: %d steps, %d images, %.1fs, final loss %.4f",
@@ -160,7 +173,6 @@ def pretrain(
             result.seconds,
             result.final_loss,
         )
-    return run_dir
 
 
 def _resume_train(train: TrainConfig, ckpt: Path | None, processes: int, say: bool) -> TrainConfig:
