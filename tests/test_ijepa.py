@@ -14,7 +14,8 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main
 from ssl_vit.data import load_images
 from ssl_vit.engine.ema import ema_update
-from ssl_vit.objectives.ijepa import IJEPA, ijepa_loss, sample_blocks
+from ssl_vit.errors import RecipeError
+from ssl_vit.objectives.ijepa import IJEPA, ijepa_loss, normalise_targets, sample_blocks
 from ssl_vit.types import Batch
 from tests.conftest import TINY, run_backbone, tiny_model_config
 
@@ -143,6 +144,40 @@ def test_forward_equals_the_loop_against_layer_normed_teacher_outputs_per_image(
         targets.append((out - mean) / torch.sqrt(var + 1e-5))
     expected = reference_loss(torch.stack(preds), torch.stack(targets), target_idx)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_target_norms_follow_their_formulas_and_remove_a_shared_component() -> None:
+    """layer: each token standardised over its channels; then +batch standardises each channel over
+    every token of the batch, +instance over each image's tokens. A vector added to every token of
+    every image (what a small random ViT outputs) survives the layer norm and is gone after both."""
+    torch.manual_seed(0)
+    out = torch.randn(3, 5, 8, dtype=torch.float64)
+
+    layer = torch.empty_like(out)
+    for b in range(3):
+        for n in range(5):
+            token = out[b, n]
+            layer[b, n] = (token - token.mean()) / torch.sqrt(token.var(unbiased=False) + 1e-5)
+    torch.testing.assert_close(normalise_targets(out, "layer"), layer)
+    batch = torch.empty_like(layer)
+    for c in range(8):
+        values = layer[:, :, c]
+        batch[:, :, c] = (values - values.mean()) / torch.sqrt(values.var(unbiased=False) + 1e-6)
+    torch.testing.assert_close(normalise_targets(out, "layer+batch"), batch)
+    instance = torch.empty_like(layer)
+    for b in range(3):
+        for c in range(8):
+            values = layer[b, :, c]
+            instance[b, :, c] = (values - values.mean()) / torch.sqrt(values.var(unbiased=False) + 1e-6)
+    torch.testing.assert_close(normalise_targets(out, "layer+instance"), instance)
+
+    shared = 50.0 * torch.randn(8, dtype=torch.float64)  # one vector, far larger than the content
+    for how in ("layer+batch", "layer+instance"):
+        standardised = normalise_targets(out + shared, how)
+        assert standardised.std(dim=(0, 1)).min() > 0.9  # every channel still varies
+    assert normalise_targets(out + shared, "layer").std(dim=(0, 1)).max() < 0.1  # near-constant targets
+    with pytest.raises(RecipeError, match="target_norm"):
+        objectives.build({"name": "ijepa", "target_norm": "batch"}, Backbone.from_config(tiny_model_config()))
 
 
 def test_the_context_encoder_sees_only_the_context_patches() -> None:

@@ -35,14 +35,8 @@ def test_every_recipe_builds_its_model_and_objective(path: Path) -> None:
         assert all(p.is_meta for p in objective.parameters())
 
 
-# Objectives whose ImageNet recipe is still to come (issue 19 item 3: I-JEPA's paper setting is
-# ViT-H/14, to be checked against its tables before a recipe is written).
-IMAGENET_PENDING = {"ijepa"}
-
-
 def test_every_objective_has_a_recipe_at_every_scale() -> None:
     for name in objectives.names():
         for scale in ("digits", "shapes"):
             assert (RECIPES_DIR / scale / f"{name}.yaml").is_file(), f"{scale}/{name}"
-        if name not in IMAGENET_PENDING:
-            assert (RECIPES_DIR / "imagenet" / f"vit_b16_{name}.yaml").is_file(), name
+        assert (RECIPES_DIR / "imagenet" / f"vit_b16_{name}.yaml").is_file(), name

@@ -39,6 +39,7 @@ class IJEPAConfig:
     predictor_heads: int = 4
     predictor_mlp_ratio: float = 4.0
     momentum: float = 0.996  # target-encoder EMA, raised linearly to 1 (appendix A.1)
+    target_norm: str = "layer"  # layer (the paper) | layer+batch | layer+instance; see `normalise_targets`
 
 
 def _uniform(bounds: tuple[float, float], generator: torch.Generator | None) -> float:
@@ -121,6 +122,24 @@ def _take(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def normalise_targets(out: Tensor, how: str) -> Tensor:
+    """(B, N, D) target-encoder outputs -> regression targets.
+
+    `layer`: each token layer-normed without affine, as the official `train.py`. A small random ViT
+    gives nearly the same vector for every token of every image, which layer norm keeps, so the
+    targets are almost constant and the predictor matches them without the encoder learning.
+    `layer+batch` then standardises each channel over the batch's tokens, removing that shared
+    component; `layer+instance` over each image's tokens (data2vec 2.0's target norm), removing each
+    image's mean as well.
+    """
+    x = F.layer_norm(out, (out.shape[-1],))
+    if how == "layer":
+        return x
+    dims = (0, 1) if how == "layer+batch" else (1,)
+    mean, var = x.mean(dim=dims, keepdim=True), x.var(dim=dims, keepdim=True, unbiased=False)
+    return (x - mean) * torch.rsqrt(var + 1e-6)
+
+
 def ijepa_loss(pred: Tensor, target: Tensor, target_idx: Tensor) -> Tensor:
     """Squared error between predicted and target embeddings of the target patches (eq. 1), averaged
     over patches, blocks and channels, in float32.
@@ -164,6 +183,10 @@ class IJEPA(Objective):
         if not 0 < cfg.n_targets < backbone.num_patches:
             raise RecipeError(
                 f"objective.n_targets must be in 1..{backbone.num_patches - 1}, got {cfg.n_targets}"
+            )
+        if cfg.target_norm not in ("layer", "layer+batch", "layer+instance"):
+            raise RecipeError(
+                f"objective.target_norm must be layer, layer+batch or layer+instance, got {cfg.target_norm!r}"
             )
         if cfg.predictor_dim % cfg.predictor_heads or cfg.predictor_dim % 4:
             raise RecipeError(
@@ -228,9 +251,9 @@ class IJEPA(Objective):
 
     @torch.no_grad()
     def targets(self, imgs: Tensor) -> Tensor:
-        """The target encoder's patch outputs, layer-normed without affine: (B, N, D) float32."""
+        """The target encoder's patch outputs, normalised by `normalise_targets`: (B, N, D) float32."""
         out = self.teacher_backbone.forward_features(imgs)[:, self.backbone.num_prefix_tokens :]
-        return F.layer_norm(out.float(), (out.shape[-1],))
+        return normalise_targets(out.float(), self.cfg.target_norm)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         imgs = batch.views[0]  # (B, C, H, W)
