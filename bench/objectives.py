@@ -78,7 +78,26 @@ def mae_decoder_macs(mae: Any) -> float:
     return blocks + bb.num_patches * linear_macs(mae.decoder_pred)
 
 
-def ideal_macs(name: str, obj: Any) -> float:
+def ijepa_macs(obj: Any, batch: int, draws: int = 50) -> float:
+    """I-JEPA per sample: the context encoder on the context tokens, the predictor on context plus one
+    target block's tokens (once per block), both trained (3x); the target encoder on the full image
+    (1x). Token counts are the means of `draws` seeded mask draws at this batch (the context is cut to
+    the batch's shortest)."""
+    bb, cfg = obj.backbone, obj.cfg
+    generator = torch.Generator().manual_seed(0)
+    drawn = [obj.masks(batch, torch.device("cpu"), generator) for _ in range(draws)]
+    context = statistics.mean(c.shape[1] for c, _ in drawn)
+    target = statistics.mean(t.shape[2] for _, t in drawn)
+    predictor = blocks_macs(context + target, cfg.predictor_dim, cfg.predictor_depth, cfg.predictor_mlp_ratio)
+    student = (
+        backbone_macs(bb, context)
+        + context * linear_macs(obj.predictor_embed)
+        + cfg.n_targets * (predictor + target * linear_macs(obj.predictor_proj))
+    )
+    return 3 * student + backbone_macs(bb, bb.num_patches)
+
+
+def ideal_macs(name: str, obj: Any, batch: int = 8) -> float:
     """Training MACs per sample: 3x forward for trained parts, 1x for no-grad teachers."""
     bb: Backbone = obj.backbone
     n = bb.num_patches
@@ -102,6 +121,8 @@ def ideal_macs(name: str, obj: Any) -> float:
         head = linear_macs(obj.head) + obj.head.last_layer.v.numel()  # MLP + weight-normalised layer
         student = 2 * full + spec.local_views * local + (2 + spec.local_views) * head
         return 3 * student + 2 * (full + head)
+    if name == "ijepa":
+        return ijepa_macs(obj, batch)
     raise ValueError(f"no FLOP model for '{name}'")
 
 
@@ -249,7 +270,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         base_all += [b for b, _ in pairs]
         row = summarise(name, [o for _, o in pairs], [b for b, _ in pairs])
         macs = (
-            2 * ideal_macs("supervised", other.obj) if name == DOUBLE_BATCH else ideal_macs(name, other.obj)
+            2 * ideal_macs("supervised", other.obj)
+            if name == DOUBLE_BATCH
+            else ideal_macs(name, other.obj, args.batch)
         )
         row["ideal_ratio"] = macs / ideal_macs("supervised", base.obj)
         rows.append(row)
