@@ -41,12 +41,13 @@ from ssl_vit.eval.knn import knn_classify
 from ssl_vit.eval.linear_probe import lowshot_probe
 
 import ssl_vit.data.shapes
+from ssl_vit import objectives
 from ssl_vit.api import pretrain
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import Recipe, load_recipe
 from ssl_vit.rundir import RunDir
 
-OBJECTIVES = ["supervised", "mpp", "mae", "simclr", "mocov3", "dino"]
+OBJECTIVES = objectives.names()  # every registered objective (each has digits and shapes recipes)
 
 
 Split = tuple[np.ndarray, np.ndarray]
