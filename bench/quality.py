@@ -46,7 +46,7 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import Recipe, load_recipe
 from ssl_vit.rundir import RunDir
 
-OBJECTIVES = ["supervised", "mpp", "mae", "simclr", "mocov3", "dino"]
+OBJECTIVES = ["supervised", "mpp", "mae", "simclr", "mocov3", "dino", "ibot"]
 
 
 Split = tuple[np.ndarray, np.ndarray]
