@@ -55,9 +55,9 @@ def test_block_masks_stay_at_or_just_under_the_ratio() -> None:
 
 
 def test_only_the_configured_share_of_views_is_masked_at_ratios_in_range() -> None:
-    """Over 2,000 views: the masked share is binomial around `probability` (5 sigma), no unmasked view
-    has a masked patch, and each masked view's share of patches lies in the range (the draw's ratio,
-    less at most 6% of the grid for a last block that did not fit)."""
+    """Over 2,000 views: the share of masked views is binomial around `probability` (5 sigma), and each
+    masked view's share of patches lies in the range (the draw's ratio, less at most 6% of the grid for
+    a last block that did not fit) with the range's mean on average."""
     masks = sample_masks(2000, (14, 14), 0.3, (0.2, 0.4), ASPECT, torch.Generator().manual_seed(0))
     assert masks.shape == (2000, 196) and masks.dtype == torch.bool
     share = masks.float().mean(dim=1)
