@@ -2,11 +2,12 @@
 
 One training step (forward, backward, AdamW step, EMA update and the objective's hooks) of each
 objective on the same backbone and batch, with the paper-scale heads of `recipes/imagenet/` (MAE's
-8-block 512-wide decoder, DINO's 65536-way head and 10 local crops at 96 px, MoCo v3's 4096-wide
-MLPs). The ideal ratio counts multiply-accumulates from the model sizes: trainable parts cost 3x
-their forward (forward + backward), no-grad teachers 1x. An objective is efficient when its measured
-ratio is close to its ideal (the issue's target: within 1.05x). Each objective's steps alternate
-with the supervised baseline's, so load drifting on a shared machine hits both sides of its ratio.
+8-block 512-wide decoder, DINO's 65536-way head and 10 local crops at 96 px, iBOT's 8192-way head on
+the CLS and every patch token, MoCo v3's 4096-wide MLPs). The ideal ratio counts multiply-accumulates
+from the model sizes: trainable parts cost 3x their forward (forward + backward), no-grad teachers 1x.
+An objective is efficient when its measured ratio is close to its ideal (the issue's target: within
+1.05x). Each objective's steps alternate with the supervised baseline's, so load drifting on a shared
+machine hits both sides of its ratio.
 
     python bench/objectives.py                                   # cheap: ViT-Ti/16, 112 px, batch 4
     python bench/objectives.py --preset b16 --batch 8            # ViT-B/16 at 224 px
@@ -115,12 +116,17 @@ def ideal_macs(name: str, obj: Any, batch: int = 8) -> float:
     if name == "mocov3":
         online = full + linear_macs(obj.projector) + linear_macs(obj.predictor)
         return 3 * 2 * online + 2 * (full + linear_macs(obj.momentum_projector))
-    if name == "dino":
+    if name in ("dino", "ibot"):
         spec = obj.views()
         local = backbone_macs(bb, (spec.local_size // bb.patch_size) ** 2)
         head = linear_macs(obj.head) + obj.head.last_layer.v.numel()  # MLP + weight-normalised layer
         student = 2 * full + spec.local_views * local + (2 + spec.local_views) * head
-        return 3 * student + 2 * (full + head)
+        teacher = 2 * (full + head)
+        if name == "ibot":  # every patch of both global views through the MLP and the patch layer, twice
+            patch_layer = obj.patch_head if obj.patch_head is not None else obj.head.last_layer
+            patches = 2 * n * (linear_macs(obj.head.mlp) + patch_layer.v.numel())
+            student, teacher = student + patches, teacher + patches
+        return 3 * student + teacher
     if name == "ijepa":
         return ijepa_macs(obj, batch)
     raise ValueError(f"no FLOP model for '{name}'")
@@ -205,7 +211,7 @@ def build(
     torch.manual_seed(0)
     model = ModelConfig(name=model_name, img_size=img_size, in_chans=3, pos_embed=recipe.model.pos_embed)
     section = dict(recipe.objective)
-    if name == "dino":  # local crops keep the paper's 96/224 of the image
+    if name in ("dino", "ibot"):  # local crops keep the paper's 96/224 of the image
         section["local_size"] = max(round(img_size * 96 / 224 / 16), 1) * 16
     with device:  # initialise on the device: ViT-L/16 takes many seconds on the CPU
         obj = objectives.build(section, Backbone.from_config(model), num_classes=1000)

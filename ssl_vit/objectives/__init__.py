@@ -12,7 +12,7 @@ from ssl_vit.errors import RecipeError
 from ssl_vit.objectives.base import Objective, Reconstructor
 
 _REGISTRY: dict[str, type[Objective]] = {}
-_BUILTIN = ("supervised", "mpp", "mae", "simclr", "mocov3", "dino", "ijepa")
+_BUILTIN = ("supervised", "mpp", "mae", "simclr", "mocov3", "dino", "ijepa", "ibot")
 
 ObjectiveT = TypeVar("ObjectiveT", bound=type[Objective])
 

@@ -95,8 +95,61 @@ class DINOHead(nn.Module):
         init_linear(self.mlp)
         self.last_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, cfg.norm_last_layer)
 
+    def bottleneck(self, x: Tensor) -> Tensor:
+        """The L2-normalised MLP output the last layer reads: (B, D) -> (B, d)."""
+        return F.normalize(self.mlp(x), dim=-1)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))  # (B, D) -> (B, K)
+        return self.last_layer(self.bottleneck(x))  # (B, D) -> (B, K)
+
+
+def warmup_temperature(epoch: float, start: float, end: float, warm_epochs: float, per: str) -> float:
+    """Teacher temperature: linear warm-up from `start` to `end` over `warm_epochs`, then constant
+    (paper, implementation details: 0.04 -> 0.07 over the first 30 epochs).
+
+    `per="epoch"` as the official `main_dino.py` (`DINOLoss.teacher_temp_schedule`): epoch e gets entry
+    e of `np.linspace(start, end, warm_epochs)`, so the final value is reached in the last warm-up
+    epoch. `per="step"` follows the same line continuously, reaching `end` when the warm-up ends.
+    """
+    if epoch >= warm_epochs:
+        return end
+    if per == "step":
+        return start + (end - start) * epoch / warm_epochs
+    entries = math.ceil(warm_epochs)  # linspace points, one per warm-up epoch
+    if entries == 1:
+        return start
+    return start + (end - start) * math.floor(epoch) / (entries - 1)
+
+
+class CenterUpdate:
+    """Teacher outputs recorded during forward, applied to a centre after the optimiser step (eq. 4).
+
+    c <- m * c + (1 - m) * mean of the recorded outputs over all processes. Recording in `forward` and
+    applying in `after_optimizer_step` keeps the centre fixed within a step (and across gradient
+    accumulation's micro-batches); a skipped step's outputs are forgotten, as they may hold the NaN.
+    """
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None  # (1, K) sum of the rows recorded since the last update
+        self.count = 0
+
+    def record(self, teacher: Tensor) -> None:
+        """Add teacher outputs (n, K) to the running sum."""
+        total = teacher.detach().float().sum(dim=0, keepdim=True)
+        self.total = total if self.total is None else self.total + total
+        self.count += teacher.shape[0]
+
+    def forget(self) -> None:
+        self.total, self.count = None, 0
+
+    @torch.no_grad()
+    def apply(self, center: Tensor, momentum: float) -> None:
+        """Move `center` (1, K) in place towards the recorded mean; nothing when nothing was recorded."""
+        if self.total is None:
+            return
+        batch_center = all_reduce_mean(self.total / self.count)
+        center.mul_(momentum).add_(batch_center.view_as(center), alpha=1 - momentum)
+        self.forget()
 
 
 def teacher_entropy(teacher: list[Tensor], center: Tensor, teacher_temp: float) -> Tensor:
@@ -129,6 +182,31 @@ def dino_loss(
     return total / terms
 
 
+def check_config(cfg: DINOConfig) -> None:
+    """Raise `RecipeError` for crop counts, temperatures or crop scales DINO cannot use."""
+    if cfg.local_crops < 0 or cfg.student_temp <= 0 or min(cfg.teacher_temp, cfg.warmup_teacher_temp) <= 0:
+        raise RecipeError("objective: local_crops must be >= 0 and the temperatures positive")
+    if cfg.warmup_teacher_temp_per not in ("epoch", "step"):
+        raise RecipeError("objective.warmup_teacher_temp_per must be 'epoch' or 'step'")
+    if len(cfg.global_scale) != 2 or len(cfg.local_scale) != 2:
+        raise RecipeError("objective.global_scale and local_scale are [min, max] area fractions")
+
+
+def multi_crop_views(backbone: Backbone, cfg: DINOConfig) -> ViewSpec:
+    """2 global crops at the model's size and `local_crops` small ones, by default 96/224 of the image
+    size in whole patches (the paper's 96 px at 224)."""
+    patch, size = backbone.patch_size, backbone.grid_size[0] * backbone.patch_size
+    local_size = cfg.local_size or max(round(size * 96 / 224 / patch), 1) * patch
+    return ViewSpec(
+        kind="contrastive",
+        global_views=2,
+        local_views=cfg.local_crops,
+        local_size=local_size,
+        global_scale=(cfg.global_scale[0], cfg.global_scale[1]),
+        local_scale=(cfg.local_scale[0], cfg.local_scale[1]),
+    )
+
+
 @register("dino")
 class DINO(Objective):
     """A student matches an EMA teacher's centred, sharpened outputs across multi-crop views.
@@ -151,35 +229,16 @@ class DINO(Objective):
 
     def __init__(self, backbone: Backbone, cfg: DINOConfig) -> None:
         super().__init__(backbone)
-        if (
-            cfg.local_crops < 0
-            or cfg.student_temp <= 0
-            or min(cfg.teacher_temp, cfg.warmup_teacher_temp) <= 0
-        ):
-            raise RecipeError("objective: local_crops must be >= 0 and the temperatures positive")
-        if cfg.warmup_teacher_temp_per not in ("epoch", "step"):
-            raise RecipeError("objective.warmup_teacher_temp_per must be 'epoch' or 'step'")
-        if len(cfg.global_scale) != 2 or len(cfg.local_scale) != 2:
-            raise RecipeError("objective.global_scale and local_scale are [min, max] area fractions")
+        check_config(cfg)
         self.cfg = cfg
         self.head = DINOHead(backbone.embed_dim, cfg)
         self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
-        patch, size = backbone.patch_size, backbone.grid_size[0] * backbone.patch_size
-        local_size = cfg.local_size or max(round(size * 96 / 224 / patch), 1) * patch
-        self.spec = ViewSpec(
-            kind="contrastive",
-            global_views=2,
-            local_views=cfg.local_crops,
-            local_size=local_size,
-            global_scale=(cfg.global_scale[0], cfg.global_scale[1]),
-            local_scale=(cfg.local_scale[0], cfg.local_scale[1]),
-        )
+        self.spec = multi_crop_views(backbone, cfg)
         self.teacher_temp = cfg.warmup_teacher_temp
         self.epoch = 0.0
-        self._center_sum: Tensor | None = None  # teacher outputs recorded since the last update
-        self._center_count = 0
+        self.center_update = CenterUpdate()  # teacher outputs recorded since the last update
 
     def views(self) -> ViewSpec:
         return self.spec
@@ -196,24 +255,15 @@ class DINO(Objective):
         return cosine_momentum(self.cfg.momentum, step, total_steps)
 
     def teacher_temperature(self, epoch: float) -> float:
-        """Linear warm-up from `warmup_teacher_temp` to `teacher_temp` over the warm-up epochs, then
-        constant (paper, implementation details: 0.04 -> 0.07 over the first 30 epochs).
-
-        Per epoch as the official `main_dino.py` (`DINOLoss.teacher_temp_schedule`): epoch e gets entry
-        e of `np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)`, so the final value is
-        reached in the last warm-up epoch. With `warmup_teacher_temp_per: step` the same line is
-        followed continuously, reaching `teacher_temp` when the warm-up ends.
-        """
+        """The teacher temperature at `epoch` (`warmup_temperature` with this recipe's values)."""
         cfg = self.cfg
-        warm, start, end = cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp, cfg.teacher_temp
-        if epoch >= warm:
-            return end
-        if cfg.warmup_teacher_temp_per == "step":
-            return start + (end - start) * epoch / warm
-        entries = math.ceil(warm)  # linspace points, one per warm-up epoch
-        if entries == 1:
-            return start
-        return start + (end - start) * math.floor(epoch) / (entries - 1)
+        return warmup_temperature(
+            epoch,
+            cfg.warmup_teacher_temp,
+            cfg.teacher_temp,
+            cfg.warmup_teacher_temp_epochs,
+            cfg.warmup_teacher_temp_per,
+        )
 
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         self.epoch = step / max(steps_per_epoch, 1)
@@ -229,9 +279,7 @@ class DINO(Objective):
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_backbone(globals_))  # (2B, K)
         if self.training:  # recorded here, applied in after_optimizer_step
-            total = teacher.float().sum(dim=0, keepdim=True)
-            self._center_sum = total if self._center_sum is None else self._center_sum + total
-            self._center_count += teacher.shape[0]
+            self.center_update.record(teacher)
         loss = dino_loss(
             list(student.chunk(views)),
             list(teacher.chunk(2)),
@@ -256,13 +304,8 @@ class DINO(Objective):
 
     def after_skipped_step(self) -> None:
         """A skipped step's teacher outputs never reach the centre (they may hold the NaN)."""
-        self._center_sum, self._center_count = None, 0
+        self.center_update.forget()
 
-    @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """c <- m * c + (1 - m) * mean of this step's teacher outputs over all processes (eq. 4)."""
-        if self._center_sum is None:
-            return
-        batch_center = all_reduce_mean(self._center_sum / self._center_count)
-        self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1 - self.cfg.center_momentum)
-        self._center_sum, self._center_count = None, 0
+        self.center_update.apply(self.center, self.cfg.center_momentum)
