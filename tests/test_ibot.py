@@ -22,7 +22,8 @@ from ssl_vit.data import load_images
 from ssl_vit.engine.ema import ema_update
 from ssl_vit.errors import RecipeError
 from ssl_vit.objectives.dino import dino_loss
-from ssl_vit.objectives.ibot import IBOT, block_mask, patch_loss, sample_masks
+from ssl_vit.objectives.ibot import IBOT, patch_loss
+from ssl_vit.objectives.masking import block_mask, sample_masks
 from ssl_vit.types import Batch
 from tests.conftest import TINY, run_backbone, tiny_model_config
 

@@ -15,7 +15,8 @@ from ssl_vit.cli import main
 from ssl_vit.data import load_images
 from ssl_vit.engine.ema import ema_update
 from ssl_vit.errors import RecipeError
-from ssl_vit.objectives.ijepa import IJEPA, ijepa_loss, normalise_targets, sample_blocks
+from ssl_vit.objectives.ijepa import IJEPA, ijepa_loss, normalise_targets
+from ssl_vit.objectives.masking import sample_blocks
 from ssl_vit.types import Batch
 from tests.conftest import TINY, run_backbone, tiny_model_config
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +26,7 @@ from ssl_vit.objectives.dino import (
     teacher_entropy,
     warmup_temperature,
 )
+from ssl_vit.objectives.masking import sample_masks
 from ssl_vit.types import Batch, ViewSpec
 
 
@@ -57,63 +56,6 @@ class IBOTConfig(DINOConfig):
     mask_aspect: list[float] = field(default_factory=lambda: [0.3, 1 / 0.3])  # of each block, h / w
     lambda1: float = 1.0  # weight of the CLS (DINO) loss
     lambda2: float = 1.0  # weight of the masked-patch loss
-
-
-def block_mask(
-    grid: tuple[int, int], ratio: float, aspect: tuple[float, float], rng: random.Random
-) -> Tensor:
-    """BEiT's blockwise masking (Bao et al. 2021, alg. 1) of one image: (h, w) bool, True = masked.
-
-    Rectangles of area U(min_area, still to mask) and aspect ratio log-uniform in `aspect`, each
-    smaller than the grid on both sides, go at uniform positions until `ratio` of the patches are
-    masked. A rectangle that would add nothing or overshoot is redrawn, up to 10 times, and masking
-    stops when none fits; so at most ratio * N patches are masked, a little fewer when the last
-    rectangle does not fit. min_area = (shorter side // 3)^2 patches, as BEiT and iBOT's `loader.py`.
-    """
-    rows, cols = grid
-    mask = torch.zeros(grid, dtype=torch.bool)
-    target, count = ratio * rows * cols, 0
-    min_area = (min(grid) // 3) ** 2
-    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
-    while count < target:
-        room, added = target - count, 0
-        for _ in range(10):
-            area, r = rng.uniform(min_area, room), math.exp(rng.uniform(*log_aspect))
-            h, w = round(math.sqrt(area * r)), round(math.sqrt(area / r))
-            if not (0 < h < rows and 0 < w < cols):
-                continue
-            top, left = rng.randint(0, rows - h), rng.randint(0, cols - w)
-            block = mask[top : top + h, left : left + w]  # a view: filling it masks the grid
-            new = h * w - int(block.sum())
-            if 0 < new <= room:
-                block.fill_(True)
-                added = new
-                break
-        if not added:
-            break
-        count += added
-    return mask
-
-
-def sample_masks(
-    n: int,
-    grid: tuple[int, int],
-    probability: float,
-    ratio: tuple[float, float],
-    aspect: tuple[float, float],
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """(n, h*w) bool masks, True = masked: each view masked with `probability`, its ratio ~ U(ratio).
-
-    The blocks are drawn by Python's `random` seeded from torch's generator: reproducible under the
-    run's seed, and many times faster than one torch call per draw.
-    """
-    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))
-    masks = torch.zeros(n, grid[0] * grid[1], dtype=torch.bool)
-    for i in range(n):
-        if rng.random() < probability:
-            masks[i] = block_mask(grid, rng.uniform(*ratio), aspect, rng).flatten()
-    return masks
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
