@@ -29,9 +29,10 @@ DEMO_STEPS: dict[str, dict[str, int]] = {
     "shapes": {"supervised": 200, "mpp": 200, "mae": 300, "simclr": 80, "mocov3": 50, "dino": 40},
 }
 DEMO_DEFAULT_STEPS = 150
-# Objectives with a recipe that the demo runs only when asked (`--objectives`): not yet tuned to learn
-# on the built-in sets (I-JEPA collapses on digits as it stands), or not yet given a demo budget that
-# keeps `make demo` in its 10 minutes (iBOT: a step costs about 1.5 DINO steps on digits).
+# Objectives with a recipe that the demo runs only when asked (`--objectives`): the six above fill
+# `make demo`'s 10 minutes on 2 cores; I-JEPA's and iBOT's recipes run 1,400 steps (8-15 core-minutes
+# each on digits), and at a demo-sized 200 steps I-JEPA's features are still near random init's
+# (online k-NN 0.32 against 0.26; BENCHMARKS.md).
 DEMO_OPT_IN = frozenset({"ijepa", "ibot"})
 DEMO_FINETUNE_STEPS = 400  # of the 10-shot fine-tune (converged by ~800, BENCHMARKS.md); one draw
 DEMO_PROTOCOL: dict[str, Any] = {  # `eval.compare.Protocol` fields

@@ -134,7 +134,7 @@ def test_demo_short_runs_get_a_faster_teacher_that_user_overrides_replace(tmp_pa
     }
     assert momentum["dino"] == 0.96 and momentum["mocov3"] == 0.9  # recipes: 0.99 and 0.96
     assert load_recipe("digits/dino").objective["momentum"] == 0.99
-    assert "ijepa" not in jobs and "ijepa" in objectives.names()  # opt-in until it learns on digits
+    assert "ijepa" not in jobs and "ijepa" in objectives.names()  # opt-in: no room in the demo's 10 minutes
     asked = demo_runs.demo_jobs("digits", 1.0, tmp_path, only=["ijepa", "mae"])
     assert [job.name for job in asked] == sorted(["ijepa", "mae"], key=objectives.names().index)
     mine = demo_runs.demo_jobs("digits", 1.0, tmp_path, ["objective.momentum=0.995"], only=["dino"])
