@@ -30,7 +30,9 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main
 from ssl_vit.config import ModelConfig, load_recipe, save_recipe
 from ssl_vit.engine.checkpoint import write_checkpoint
+from ssl_vit.engine.ema import ema_update
 from ssl_vit.objectives import Objective
+from ssl_vit.types import Batch
 
 REPO = Path(__file__).resolve().parent.parent
 # Built-in sets are written to shards once; keep the tests' copy out of the user's cache.
@@ -166,6 +168,33 @@ def make_run(run_dir: Path, teacher: bool = False, evals: bool = True) -> Path:
         knn = {"k": {"10": {"top1": 0.6543}, "20": {"top1": 0.5432}}, "draws": [0.25, 0.5]}
         (run_dir / "eval" / "knn.json").write_text(json.dumps(knn))
     return run_dir
+
+
+def train_history(objective: Objective, batch: Batch, steps: int, lr: float = 3e-3) -> dict[str, list[float]]:
+    """Train on one fixed batch as the engine does (schedules, hooks, EMA): the loss and every logged
+    value after each of `steps` steps."""
+    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    history: dict[str, list[float]] = {}
+    for step in range(steps):
+        objective.set_progress(step, steps, steps)
+        loss, logs = objective(batch)
+        opt.zero_grad()
+        loss.backward()
+        objective.after_backward()
+        opt.step()
+        if objective.ema_pairs():
+            ema_update(objective.ema_pairs(), objective.ema_momentum(step, steps))
+        objective.after_optimizer_step()
+        for key, value in {"loss": loss, **logs}.items():
+            history.setdefault(key, []).append(float(value.detach()))
+    return history
+
+
+def train_steps(
+    objective: Objective, batch: Batch, steps: int, lr: float = 3e-3, track: str | None = None
+) -> list[float]:
+    """The loss after each of `steps` steps (or the log named `track`)."""
+    return train_history(objective, batch, steps, lr)[track or "loss"]
 
 
 def run_backbone(run_dir: Path, weights: str = "student") -> Backbone:

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file
 from scipy import ndimage
 
 from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
-from ssl_vit.cli import main
 from ssl_vit.data import load_images
 from ssl_vit.engine.ema import ema_update
 from ssl_vit.errors import RecipeError
@@ -25,7 +22,7 @@ from ssl_vit.objectives.dino import dino_loss
 from ssl_vit.objectives.ibot import IBOT, patch_loss
 from ssl_vit.objectives.masking import block_mask, sample_masks
 from ssl_vit.types import Batch
-from tests.conftest import TINY, run_backbone, tiny_model_config
+from tests.conftest import tiny_model_config, train_history
 
 ASPECT = (0.3, 1 / 0.3)
 
@@ -294,30 +291,6 @@ def test_overfits_a_fixed_tiny_batch() -> None:
     images, _ = load_images("digits", "train", 16, 1)
     x = (images[:16].float() - 0.5) / 0.5
     fix_masks(objective, objective.masks(32, (4, 4), torch.device("cpu")))
-    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
-    losses, kl = [], []
-    for step in range(30):
-        objective.set_progress(step, 30, 30)
-        loss, logs = objective(Batch(views=[x, x.flip(-1)], labels=None))
-        opt.zero_grad()
-        loss.backward()
-        objective.after_backward()
-        opt.step()
-        ema_update(objective.ema_pairs(), objective.ema_momentum(step, 30))
-        objective.after_optimizer_step()
-        losses.append(loss.item())
-        kl.append(float(logs["kl"]))
+    history = train_history(objective, Batch(views=[x, x.flip(-1)], labels=None), 30)
+    losses, kl = history["loss"], history["kl"]
     assert kl[-1] < 0.6 * kl[0] and losses[-1] < losses[0] - 1.0, (losses, kl)
-
-
-def test_pretrain_digits_ibot_end_to_end_exports_the_teacher(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    args = ["pretrain", "digits/ibot", *TINY, "train.max_steps=3", "--out", str(run), "--quiet"]
-    assert main(args) == 0
-    assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
-    written = load_file(str(tmp_path / "exp" / "model.safetensors"))
-    teacher = run_backbone(run, "teacher").vit.state_dict()
-    student = run_backbone(run, "student").vit.state_dict()
-    assert written.keys() == teacher.keys()
-    assert all(torch.equal(written[k], teacher[k]) for k in written)
-    assert any(not torch.equal(written[k], student[k]) for k in written)

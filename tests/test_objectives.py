@@ -10,14 +10,14 @@ from safetensors.torch import load_file
 
 from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
+from ssl_vit.cli import main
 from ssl_vit.data import load_images
 from ssl_vit.data.views import MultiView
-from ssl_vit.engine.ema import ema_update
 from ssl_vit.errors import CheckpointError
 from ssl_vit.objectives.base import Objective, Reconstructor
 from ssl_vit.timm_export import export_backbone
 from ssl_vit.types import Batch
-from tests.conftest import tiny_model_config
+from tests.conftest import TINY, run_backbone, tiny_model_config, train_steps
 
 
 def make(name: str, in_chans: int = 1) -> Objective:
@@ -33,26 +33,6 @@ def fixed_batch(objective: Objective, n: int = 32) -> Batch:
     return Batch(
         views=[torch.stack([s[i] for s in per_sample]) for i in range(len(per_sample[0]))], labels=labels[:n]
     )
-
-
-def train_steps(
-    objective: Objective, batch: Batch, steps: int, lr: float = 3e-3, track: str | None = None
-) -> list[float]:
-    """The loss after each of `steps` steps (or the log named `track`)."""
-    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    losses = []
-    for step in range(steps):
-        objective.set_progress(step, steps, steps)
-        loss, logs = objective(batch)
-        opt.zero_grad()
-        loss.backward()
-        objective.after_backward()
-        opt.step()
-        if objective.ema_pairs():
-            ema_update(objective.ema_pairs(), objective.ema_momentum(step, steps))
-        objective.after_optimizer_step()
-        losses.append(float((logs[track] if track else loss).detach()))
-    return losses
 
 
 # In 50 steps the loss must fall below this fraction of its first value (0.7 unless listed). Two
@@ -163,6 +143,22 @@ def test_export_writes_the_backbone_the_paper_evaluates(
     assert written.keys() == states[default].keys() and not _differs(written, states[default])
     other = "student" if default == "teacher" else "teacher"
     assert not _differs(objective.exported_backbone(other).vit.state_dict(), states[other])
+
+
+@pytest.mark.parametrize("name", ["ijepa", "ibot"])
+def test_pretrain_then_export_writes_the_teacher_through_the_cli(name: str, tmp_path: Path) -> None:
+    """The digits recipe trains end to end through the CLI, and `ssl-vit export` writes the run's
+    teacher (read from its checkpoint on its own), not its student."""
+    run = tmp_path / "run"
+    args = ["pretrain", f"digits/{name}", *TINY, "train.max_steps=3", "--out", str(run), "--quiet"]
+    assert main(args) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
+    written = load_file(str(tmp_path / "exp" / "model.safetensors"))
+    teacher = run_backbone(run, "teacher").vit.state_dict()
+    student = run_backbone(run, "student").vit.state_dict()
+    assert written.keys() == teacher.keys()
+    assert all(torch.equal(written[k], teacher[k]) for k in written)
+    assert any(not torch.equal(written[k], student[k]) for k in written)
 
 
 def test_masked_objectives_are_reconstructors_and_others_are_not() -> None:
