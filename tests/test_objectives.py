@@ -145,6 +145,20 @@ def test_export_writes_the_backbone_the_paper_evaluates(
     assert not _differs(objective.exported_backbone(other).vit.state_dict(), states[other])
 
 
+def test_dino_ibot_and_ijepa_keep_their_teacher_in_eval_mode_while_training() -> None:
+    """As their official code (no drop-path in the teacher); MoCo v3's momentum encoder follows the
+    student's mode, as before."""
+    for name in objectives.names():
+        objective = make(name).train()
+        teacher = objective.ema_teacher()
+        assert objective.backbone.training
+        if name in ("dino", "ibot", "ijepa"):
+            assert teacher is not None and not teacher.training
+            assert not objective.eval().training and not teacher.training
+        elif teacher is not None:
+            assert teacher.training, name
+
+
 @pytest.mark.parametrize("name", ["ijepa", "ibot"])
 def test_pretrain_then_export_writes_the_teacher_through_the_cli(name: str, tmp_path: Path) -> None:
     """The digits recipe trains end to end through the CLI, and `ssl-vit export` writes the run's

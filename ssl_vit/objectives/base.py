@@ -32,10 +32,20 @@ class Objective(nn.Module):
     view_spec: ClassVar[ViewSpec] = ViewSpec()
     needs_labels: ClassVar[bool] = False
     export_weights: ClassVar[ExportWeights] = "student"
+    # The EMA teacher backbone stays in eval mode while the student trains (no drop-path in it): the
+    # official DINO, iBOT and I-JEPA code.
+    teacher_in_eval: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.backbone = backbone
+
+    def train(self, mode: bool = True) -> Objective:
+        super().train(mode)
+        teacher = self.ema_teacher() if self.teacher_in_eval else None
+        if teacher is not None:
+            teacher.train(False)
+        return self
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss (a scalar) and detached logs for one batch."""

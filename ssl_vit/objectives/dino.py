@@ -225,6 +225,7 @@ class DINO(Objective):
     # The paper evaluates the teacher ("the teacher has better performance than the student", sec. 3.1;
     # `eval_linear.py --checkpoint_key teacher`), so an export writes the teacher.
     export_weights = "teacher"
+    teacher_in_eval = True
     center: Tensor  # buffer (1, K)
 
     def __init__(self, backbone: Backbone, cfg: DINOConfig) -> None:
@@ -242,11 +243,6 @@ class DINO(Objective):
 
     def views(self) -> ViewSpec:
         return self.spec
-
-    def train(self, mode: bool = True) -> DINO:
-        super().train(mode)
-        self.teacher_backbone.train(False)  # no drop-path in the teacher, as the official code
-        return self
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]

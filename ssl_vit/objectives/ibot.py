@@ -110,6 +110,7 @@ class IBOT(Objective):
     Config = IBOTConfig
     # The paper evaluates the teacher, as DINO (official `run.sh ... teacher`, "generally better").
     export_weights = "teacher"
+    teacher_in_eval = True
     center: Tensor  # buffers (1, K) and (1, K_patch)
     center_patch: Tensor
 
@@ -146,11 +147,6 @@ class IBOT(Objective):
 
     def views(self) -> ViewSpec:
         return self.spec
-
-    def train(self, mode: bool = True) -> IBOT:
-        super().train(mode)
-        self.teacher_backbone.train(False)  # no drop-path in the teacher, as the official code
-        return self
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         pairs: list[tuple[nn.Module, nn.Module]] = [

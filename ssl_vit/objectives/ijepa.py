@@ -92,6 +92,7 @@ class IJEPA(Objective):
     Config = IJEPAConfig
     # "We use the target-encoder for evaluation and average pool its output" (appendix A.1).
     export_weights = "teacher"
+    teacher_in_eval = True
     # One view, no augmentation beyond a random resized crop of 30-100% (official `crop_scale`).
     view_spec: ClassVar[ViewSpec] = ViewSpec(kind="masked", global_scale=(0.3, 1.0))
     predictor_pos: Tensor  # buffer (1, N, Dp), fixed 2-D sin-cos as the official predictor
@@ -129,11 +130,6 @@ class IJEPA(Objective):
         for module in (self.predictor_embed, self.predictor, self.predictor_proj):
             init_linear(module)  # official predictor `_init_weights`: trunc-normal 0.02, zero bias
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-
-    def train(self, mode: bool = True) -> IJEPA:
-        super().train(mode)
-        self.teacher_backbone.train(False)
-        return self
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone)]
