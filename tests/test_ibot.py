@@ -131,18 +131,32 @@ def test_patch_loss_equals_a_loop_and_reads_masked_patches_only() -> None:
     )
     center, tt, ts = torch.randn(1, 6) * 0.1, 0.05, 0.1
 
+    flat = rearrange(masks, "v b n -> (v b) n")
+
     def loss(s: torch.Tensor) -> torch.Tensor:
-        return patch_loss(list(s), list(teacher), list(masks), center, tt, ts)
+        rows = "v b n k -> (v b) n k"
+        return patch_loss(rearrange(s, rows)[flat], rearrange(teacher, rows)[flat], flat, center, tt, ts)
 
     assert loss(student).item() == pytest.approx(
         reference_patch_loss(student, teacher, masks, center, tt, ts)
     )
-    unmasked = student.clone()
-    unmasked[~masks] += 10 * torch.randn(int((~masks).sum()), 6)
-    torch.testing.assert_close(loss(unmasked), loss(student))
     inside = student.clone()
     inside[1, 1, 3, 0] += 1.0  # one logit: adding to all K would not change the softmax
     assert not torch.allclose(loss(inside), loss(student))
+
+
+@pytest.mark.parametrize("head_bn", [True, False])
+def test_the_student_scores_exactly_the_masked_patches(head_bn: bool) -> None:
+    """`patch_logits` on the masked rows only equals the masked rows of the logits of every patch, with
+    BatchNorm in the head (statistics over every patch) and without (the MLP on the masked rows alone)."""
+    torch.manual_seed(0)
+    objective = make(head_bn=head_bn).train()
+    patches = torch.randn(6, 16, objective.backbone.embed_dim)
+    rows = sample_masks(6, (4, 4), 0.7, (0.2, 0.5), ASPECT, torch.Generator().manual_seed(1))
+    every = objective.patch_logits(objective.head, None, patches)
+    some = objective.patch_logits(objective.head, None, patches, rows)
+    assert every.shape == (6, 16, 1024) and some.shape == (int(rows.sum()), 1024)
+    torch.testing.assert_close(some, every[rows])
 
 
 def student_and_teacher(objective: IBOT, imgs: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, ...]:

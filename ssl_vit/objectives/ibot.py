@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
@@ -58,42 +57,42 @@ class IBOTConfig(DINOConfig):
     lambda2: float = 1.0  # weight of the masked-patch loss
 
 
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """values (B, N) averaged per image over its masked patches, then over images; an image with none
-    masked counts as 0 (the official `iBOTLoss`, so the loss scales with the share of masked images)."""
-    weights = mask.float()
-    return ((values * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)).mean()
+def per_image_mean(values: Tensor, masks: Tensor) -> Tensor:
+    """values (M,) of the masked patches of `masks` (B, N), in `tensor[masks]` order, averaged per image
+    over its masked patches, then over images; an image with none masked counts as 0 (the official
+    `iBOTLoss`, so the loss scales with the share of masked images)."""
+    image = masks.nonzero()[:, 0]
+    sums = values.new_zeros(masks.shape[0]).index_add(0, image, values)
+    return (sums / masks.sum(-1).clamp_min(1)).mean()
 
 
-def patch_entropy(teacher: list[Tensor], masks: list[Tensor], center: Tensor, teacher_temp: float) -> Tensor:
-    """Entropy of the teacher's patch distributions, weighted as `patch_loss`: its H(P_t) part, logged to
-    watch the patch targets for collapse as DINO's `teacher_entropy` watches the CLS ones."""
-    total = teacher[0].new_zeros((), dtype=torch.float32)
-    for t, m in zip(teacher, masks, strict=True):
-        q = F.softmax((t.float() - center) / teacher_temp, dim=-1)
-        total = total + masked_mean(-(q * torch.log(q.clamp_min(1e-12))).sum(-1), m)
-    return total / len(teacher)
+def patch_entropy(teacher: Tensor, masks: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """Entropy of the teacher's distributions on the masked patches (M, K), weighted as `patch_loss`: its
+    H(P_t) part, logged to watch the patch targets for collapse as DINO's `teacher_entropy` watches the
+    CLS ones."""
+    q = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    return per_image_mean(-(q * torch.log(q.clamp_min(1e-12))).sum(-1), masks)
 
 
 def patch_loss(
-    student: list[Tensor],
-    teacher: list[Tensor],
-    masks: list[Tensor],
+    student: Tensor,
+    teacher: Tensor,
+    masks: Tensor,
     center: Tensor,
     teacher_temp: float,
     student_temp: float,
 ) -> Tensor:
-    """L_MIM (sec. 3.2): per global view, the cross-entropy between the teacher's centred, sharpened
-    patch distributions of the whole view and the student's of the masked view, on masked patches only.
+    """L_MIM (sec. 3.2): the cross-entropy between the teacher's centred, sharpened distribution of each
+    masked patch of the whole view and the student's of the masked view, per image over its masked
+    patches, then over the images of every global view.
 
-    student, teacher: (B, N, K) per global view; masks: (B, N) per view. Same view for both, unlike the
-    CLS loss: the teacher is the online tokenizer of the very patches the student cannot see.
+    student, teacher: (M, K) logits of the masked patches of `masks` (V*B, N), in `tensor[masks]` order:
+    the other patches do not enter the loss, so they are never scored (`IBOT.patch_logits`). Same view for
+    both, unlike the CLS loss: the teacher is the online tokenizer of the very patches the student cannot
+    see.
     """
-    total = student[0].new_zeros((), dtype=torch.float32)
-    for s, t, m in zip(student, teacher, masks, strict=True):
-        q = F.softmax((t.float() - center) / teacher_temp, dim=-1)
-        total = total + masked_mean(-(q * F.log_softmax(s.float() / student_temp, dim=-1)).sum(-1), m)
-    return total / len(student)
+    q = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    return per_image_mean(-(q * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1), masks)
 
 
 @register("ibot")
@@ -177,20 +176,24 @@ class IBOT(Objective):
         ratio, aspect = (cfg.mask_ratio[0], cfg.mask_ratio[1]), (cfg.mask_aspect[0], cfg.mask_aspect[1])
         return sample_masks(n, grid, cfg.mask_probability, ratio, aspect).to(device)
 
-    def outputs(
-        self, backbone: Backbone, head: DINOHead, patch_head: nn.Module | None, features: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Backbone features (B, P + N, D) -> CLS logits (B, K) and patch logits (B, N, K_patch).
+    def patch_logits(
+        self, head: DINOHead, patch_head: nn.Module | None, patches: Tensor, rows: Tensor | None = None
+    ) -> Tensor:
+        """Patch tokens (B, N, D) -> logits (B, N, K_patch), or (M, K_patch) for the `rows` (B, N) only.
 
-        Pooled and patch tokens pass the head's MLP in two calls. Without BatchNorm (the official heads)
-        that equals the official `iBOTHead`'s one call on all tokens; with `head_bn` each kind keeps its
-        own batch statistics, so the CLS branch stays DINO's head. With one call, the CLS tokens one row in
-        1 + N of the statistics, the digits recipe's centred CLS teacher stayed near uniform longer.
+        Pooled and patch tokens pass the head's MLP in separate calls. Without BatchNorm (the official
+        heads) that equals the official `iBOTHead`'s one call on all tokens; with `head_bn` each kind
+        keeps its own batch statistics, so the CLS branch stays DINO's head (with one call, the CLS
+        tokens one row in 1 + N of the statistics, the digits recipe's centred CLS teacher stayed near
+        uniform longer). The student scores only the masked patches, the only ones its loss reads: the
+        MLP still sees every patch where its BatchNorm needs them, the last layer (row-wise) only those.
         """
-        patches = rearrange(backbone.patch_tokens(features), "b n d -> (b n) d")
-        z = rearrange(head.bottleneck(patches), "(b n) d -> b n d", b=features.shape[0])  # (B, N, d)
         last = patch_head if patch_head is not None else head.last_layer
-        return head(backbone.pool(features)), last(z)  # (B, K), (B, N, K_patch)
+        if rows is None:
+            return last(head.bottleneck(patches.flatten(0, 1))).unflatten(0, patches.shape[:2])
+        if self.cfg.head_bn:
+            return last(head.bottleneck(patches.flatten(0, 1))[rows.flatten()])
+        return last(head.bottleneck(patches[rows]))
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         bb, cfg, views = self.backbone, self.cfg, len(batch.views)
@@ -198,43 +201,41 @@ class IBOT(Objective):
         grid = bb.grid_of(globals_)
         masks = self.masks(globals_.shape[0], grid, globals_.device)  # (2B, N)
         tokens = bb.replace_tokens(bb.embed(globals_), masks, self.mask_token)  # (2B, N, D)
-        student_cls, student_patch = self.outputs(
-            bb, self.head, self.patch_head, bb.encode(tokens, grid=grid)
-        )
+        student = bb.encode(tokens, grid=grid)
+        student_cls = self.head(bb.pool(student))  # (2B, K)
+        student_patch = self.patch_logits(
+            self.head, self.patch_head, bb.patch_tokens(student), masks
+        )  # (M, K)
         if views > 2:  # local crops: unmasked, CLS loss only
             local_cls = self.head(bb(torch.cat(batch.views[2:])))  # (L*B, K)
             student_cls = torch.cat([student_cls, local_cls])  # ((2 + L) * B, K)
         with torch.no_grad():
             teacher = self.teacher_backbone.forward_features(globals_)  # (2B, P + N, D)
-            teacher_cls, teacher_patch = self.outputs(
-                self.teacher_backbone, self.teacher_head, self.teacher_patch_head, teacher
-            )
+            teacher_cls = self.teacher_head(self.teacher_backbone.pool(teacher))
+            teacher_patches = self.patch_logits(
+                self.teacher_head, self.teacher_patch_head, self.teacher_backbone.patch_tokens(teacher)
+            )  # (2B, N, K): every patch, for the centre
         if self.training:  # recorded here, applied in after_optimizer_step
             self.center_update.record(teacher_cls)
-            self.center_patch_update.record(rearrange(teacher_patch, "b n k -> (b n) k"))
+            self.center_patch_update.record(teacher_patches.flatten(0, 1))
+        teacher_patch = teacher_patches[masks]  # (M, K)
         teacher_views = list(teacher_cls.chunk(2))
         cls_loss = dino_loss(
             list(student_cls.chunk(views)), teacher_views, self.center, self.teacher_temp, cfg.student_temp
         )
+        temp_patch = self.teacher_patch_temp
         mim_loss = patch_loss(
-            list(student_patch.chunk(2)),
-            list(teacher_patch.chunk(2)),
-            list(masks.chunk(2)),
-            self.center_patch,
-            self.teacher_patch_temp,
-            cfg.student_temp,
+            student_patch, teacher_patch, masks, self.center_patch, temp_patch, cfg.student_temp
         )
         loss = cfg.lambda1 * cls_loss + cfg.lambda2 * mim_loss
         entropy = teacher_entropy(teacher_views, self.center, self.teacher_temp)
-        entropy_patch = patch_entropy(
-            list(teacher_patch.chunk(2)), list(masks.chunk(2)), self.center_patch, self.teacher_patch_temp
-        )
+        entropy_patch = patch_entropy(teacher_patch, masks, self.center_patch, temp_patch)
         logs = {
             "cls_loss": cls_loss.detach(),
             "patch_loss": mim_loss.detach(),
             "masked": masks.float().mean(),
             "teacher_temp": torch.tensor(self.teacher_temp),
-            "teacher_patch_temp": torch.tensor(self.teacher_patch_temp),
+            "teacher_patch_temp": torch.tensor(temp_patch),
             "teacher_entropy": entropy,
             "teacher_patch_entropy": entropy_patch,
             # the loss less its teacher entropies: the KL(P_t || P_s) terms, what the student learns
