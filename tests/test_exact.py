@@ -31,8 +31,8 @@ def png(value: int) -> bytes:
 class NoisyViews:
     """One view: the image plus noise from torch's RNG, so augmentation draws show in the output."""
 
-    def crops(self, image: torch.Tensor) -> list[torch.Tensor]:
-        return [image.float() + torch.rand(image.shape)]
+    def batch_crops(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.stack([image.float() + torch.rand(image.shape) for image in images])]
 
     def finish(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         return views

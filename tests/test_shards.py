@@ -47,8 +47,8 @@ def write_tar(path: Path, labels: list[int], extra: dict[int, dict[str, bytes]] 
 class IdentityViews:
     """One view: the decoded image as float, unchanged."""
 
-    def crops(self, image: torch.Tensor) -> list[torch.Tensor]:
-        return [image.float()]
+    def batch_crops(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.stack([image.float() for image in images])]
 
     def finish(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         return views

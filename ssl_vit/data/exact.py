@@ -36,12 +36,15 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_vit.data.safety import IMAGE_EXTS, BadSample, SkipCounter, decode_sample, image_member, record
-from ssl_vit.data.stream import Failure, Packed, Views, collate, make_seed
+from ssl_vit.data.stream import Failure, Packed, Views, make_seed
 from ssl_vit.data.tarindex import FileReader, load_index
 from ssl_vit.errors import DataError
 from ssl_vit.types import Batch
 
 EXTS = (*IMAGE_EXTS, "npy")  # image members, coded as int8 in a `Catalog`
+# Decoded images are kept between epochs where the whole set would fit in this many bytes, read in
+# the main process (`data.num_workers: 0`): decoding a digits PNG costs more than cropping it.
+KEEP_DECODED_BYTES = 256 << 20
 
 
 @dataclass
@@ -138,8 +141,9 @@ def epoch_order(counts: list[int], seed: int, epoch: int, block: int, shuffle: b
 
 
 class ExactStream(IterableDataset[Packed | Failure]):
-    """Per worker: its batches of this rank's share of the epoch's order -> read -> decode -> crops
-    -> batch -> colour (`Views.finish`). `start`: the first batch of the epoch to produce."""
+    """Per worker: its batches of this rank's share of the epoch's order -> read -> decode -> batch ->
+    crops and colour (`Views.batch_crops`, `Views.finish`). `start`: the first batch of the epoch to
+    produce. A small set read in the main process stays decoded in memory (`KEEP_DECODED_BYTES`)."""
 
     def __init__(
         self,
@@ -160,6 +164,7 @@ class ExactStream(IterableDataset[Packed | Failure]):
         self.shuffle = shuffle_block > 1
         self.batches = catalog.total // (world * batch_size)  # per rank, per epoch
         self.epoch, self.start = 0, 0
+        self.decoded: dict[int, tuple[Tensor, int, str]] = {}
 
     def positions(self, batch: int) -> slice:
         """This rank's slice of the epoch's order for its `batch`-th micro-batch."""
@@ -178,30 +183,39 @@ class ExactStream(IterableDataset[Packed | Failure]):
                 with torch.random.fork_rng(devices=[]):  # the main process's RNG stays untouched
                     torch.manual_seed(make_seed(self.seed, self.epoch, k, self.rank, 1))
                     items = [self._item(files, order, p, counter) for p in range(span.start, span.stop)]
-                    batch = collate([(crops, label) for crops, label, _ in items])
-                    views = self.views.finish(batch.views)
-                keys = [key for _, _, key in items]
-                yield Batch(views=views, labels=batch.labels, keys=keys), *counter.take()
+                    views = self.views.finish(self.views.batch_crops([image for image, _, _ in items]))
+                labels = torch.tensor([label for _, label, _ in items], dtype=torch.long)
+                yield Batch(views=views, labels=labels, keys=[key for _, _, key in items]), *counter.take()
         finally:
             files.close()
 
     def _item(
         self, files: FileReader, order: np.ndarray, position: int, counter: SkipCounter
-    ) -> tuple[list[Tensor], int, str]:
-        """The sample at `position`, or the next good one in the order after it (wrapping)."""
+    ) -> tuple[Tensor, int, str]:
+        """The sample at `position`, or the next good one in the order after it (wrapping): its image
+        (C, H, W) uint8, label and key."""
         for p in range(position, position + len(order)):
             sample_id = int(order[p % len(order)])
             try:
-                raw = self.catalog.read(files, sample_id)
-                image, label = decode_sample(raw, self.in_chans)  # (C, H, W) uint8
+                return self._decode(files, sample_id)
             except BadSample as bad:
                 counter.skip(bad)
-                continue
             except OSError as exn:
                 counter.skip(BadSample("bad_shard", f"sample {sample_id}", f"unreadable ({exn})"))
-                continue
-            return self.views.crops(image), label, str(raw["__key__"])
         raise DataError("no sample of the epoch decodes; check the shards (data.train)")
+
+    def _decode(self, files: FileReader, sample_id: int) -> tuple[Tensor, int, str]:
+        """Read and decode one sample, or take it from `decoded` (bad samples are never kept, so they
+        are skipped and counted again each epoch, as without it)."""
+        kept = self.decoded.get(sample_id)
+        if kept is not None:
+            return kept
+        raw = self.catalog.read(files, sample_id)
+        image, label = decode_sample(raw, self.in_chans)
+        item = (image, label, str(raw["__key__"]))
+        if get_worker_info() is None and image.nbytes * self.catalog.total <= KEEP_DECODED_BYTES:
+            self.decoded[sample_id] = item
+        return item
 
     def __iter__(self) -> Iterator[Packed | Failure]:
         try:

@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 
 
 class Views(Protocol):
-    """What the stream asks of an augmentation (`ssl_vit.data.views.MultiView`): crops per image,
-    then the rest on each collated batch."""
+    """What the stream asks of an augmentation (`ssl_vit.data.views.MultiView`): each view's crops of
+    a batch's images, then the rest on those batches."""
 
-    def crops(self, image: Tensor) -> list[Tensor]: ...
+    def batch_crops(self, images: list[Tensor]) -> list[Tensor]: ...
 
     def finish(self, views: list[Tensor]) -> list[Tensor]: ...
 
@@ -120,7 +120,7 @@ def read_split(urls: list[str], in_chans: int, strict: bool = False) -> Iterator
 
 class ShardStream(IterableDataset[Packed | Failure]):
     """Per worker, endless: shards drawn with replacement -> tar members -> samples -> shuffle buffer
-    -> decode -> crops -> batches -> colour (`Views.finish`, on the whole batch)."""
+    -> decode -> batches -> crops and colour (`Views.batch_crops`, `Views.finish`)."""
 
     def __init__(
         self,
@@ -155,7 +155,8 @@ class ShardStream(IterableDataset[Packed | Failure]):
             samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(
                 samples
             )
-        items: list[tuple[list[Tensor], int]] = []
+        images: list[Tensor] = []
+        labels: list[int] = []
         keys: list[str] = []
         for sample in samples:
             try:
@@ -163,12 +164,13 @@ class ShardStream(IterableDataset[Packed | Failure]):
             except BadSample as bad:
                 counter.skip(bad)
                 continue
-            items.append((self.views.crops(image), label))
+            images.append(image)
+            labels.append(label)
             keys.append(str(sample["__key__"]))
-            if len(items) == self.batch_size:
-                batch = collate(items)
-                yield Batch(self.views.finish(batch.views), batch.labels, keys=keys), *counter.take()
-                items, keys = [], []
+            if len(images) == self.batch_size:
+                views = self.views.finish(self.views.batch_crops(images))
+                yield Batch(views, torch.tensor(labels, dtype=torch.long), keys=keys), *counter.take()
+                images, labels, keys = [], [], []
 
     def __iter__(self) -> Iterator[Packed | Failure]:
         try:

@@ -1,8 +1,8 @@
 """Turn one image into the views an objective asks for (its `ViewSpec`).
 
-Geometry (torchvision.transforms.v2 random resized crop, flip) runs per image on (C, H, W) tensors,
-uint8 from the shards or float in [0, 1]; colour and normalisation run per batch (`BatchColour`, in
-`colour.py`). Per objective family (`ViewSpec.kind`): `supervised` random resized crop + flip;
+Geometry (random resized crop, flip) runs on (C, H, W) tensors, uint8 from the shards or float in
+[0, 1]: on a batch of equal-size images at once (`crops.py`), else per image with torchvision v2;
+colour and normalisation run per batch (`BatchColour`, in `colour.py`). Per objective family (`ViewSpec.kind`): `supervised` random resized crop + flip;
 `masked` (MPP, MAE) the same light geometry only; `contrastive` (SimCLR, MoCo v3, DINO) adds colour
 jitter, grayscale, blur and, on the second view, solarize; DINO's local crops come from
 `ViewSpec.local_views`. The recipe scales colour strength (`data.aug_strength`). Single-channel data
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -21,6 +22,7 @@ from torchvision.transforms import v2
 
 from ssl_vit.config import DataConfig
 from ssl_vit.data.colour import BatchColour
+from ssl_vit.data.crops import random_resized_crops
 from ssl_vit.errors import RecipeError
 from ssl_vit.types import ViewSpec
 
@@ -32,6 +34,7 @@ def _blur_kernel(size: int) -> int:
     return max(3, (size // 10) // 2 * 2 + 1)
 
 
+BATCH_CROP_PIXELS = 64 * 64  # images up to this size are cropped a batch at a time (`crops.py`)
 BYOL_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (Grill et al. 2020, B)
 
 
@@ -76,10 +79,12 @@ def _colour(
 
 @dataclass
 class View:
-    """One view's pipeline: `geometry` per image (crop, flip; uint8 stays uint8), then `colour` on the
-    batch (conversion to float, distortion, normalisation)."""
+    """One view's pipeline: `geometry` per image (crop, flip; uint8 stays uint8) or `batch_geometry` on
+    a batch of equal-size images (float in [0, 1] out), then `colour` on the batch (conversion to
+    float, distortion, normalisation)."""
 
     geometry: Transform
+    batch_geometry: Transform
     colour: BatchColour
 
     def __call__(self, image: Tensor) -> Tensor:
@@ -107,17 +112,20 @@ def view_transform(
     """
     flip: list[Transform] = [v2.RandomHorizontalFlip()] if hflip else []
     geometry: list[Transform]
+    batch_geometry: Transform
     if kind == "eval":
         geometry = [v2.Resize((size, size), antialias=True)]
+        batch_geometry = partial(_resized, size=size)
     elif kind in ("supervised", "masked", "contrastive"):
         geometry = [v2.RandomResizedCrop(size, scale=scale, antialias=True), *flip]
+        batch_geometry = partial(random_resized_crops, size=size, scale=scale, hflip=hflip)
     else:
         raise RecipeError(f"unknown view kind '{kind}' (supervised, masked, contrastive, eval)")
     # BYOL / MoCo v3 / DINO asymmetry (Grill et al. 2020, Table 6): view 1 always blurred, view 2
     # rarely blurred but sometimes solarized; DINO's local crops blur half the time (Caron et al. 2021).
     blur, solarize = (0.5, 0.0) if local else (0.1, 0.2) if second_view else (1.0, 0.0)
     colour = _colour(kind, mean, std, strength, in_chans, size, solarize, blur, jitter)
-    return View(v2.Compose(geometry), colour)
+    return View(v2.Compose(geometry), batch_geometry, colour)
 
 
 class MultiView:
@@ -188,6 +196,17 @@ class MultiView:
         """(C, H, W) -> each view's crop (C, size_i, size_i), still in the input's dtype."""
         return [view.geometry(image) for view in self.views]
 
+    def batch_crops(self, images: list[Tensor]) -> list[Tensor]:
+        """[(C, H, W)] -> each view's crops (B, C, size_i, size_i): in one call per view where the images
+        share their size and are small (the built-in sets, small shards written at one size), else image
+        by image (the batched resize is dense in the image's side)."""
+        shapes = {image.shape for image in images}
+        if len(shapes) == 1 and images[0].shape[-1] * images[0].shape[-2] <= BATCH_CROP_PIXELS:
+            stacked = torch.stack(images)
+            return [view.batch_geometry(stacked) for view in self.views]
+        per_image = [self.crops(image) for image in images]
+        return [torch.stack([crops[i] for crops in per_image]) for i in range(len(self.views))]
+
     def finish(self, views: list[Tensor]) -> list[Tensor]:
         """Each view's batch (B, C, size_i, size_i) -> float, colour-distorted, normalised."""
         return [view.colour(batch) for view, batch in zip(self.views, views, strict=True)]
@@ -210,6 +229,11 @@ def match_channels(image: Tensor, in_chans: int) -> Tensor:
     if in_chans == 1:
         return image.mean(dim=0, keepdim=True)
     raise RecipeError(f"images have {image.shape[0]} channels but model.in_chans is {in_chans}")
+
+
+def _resized(images: Tensor, size: int) -> Tensor:
+    """(N, C, h, w) uint8 or float in [0, 1] -> (N, C, size, size) float in [0, 1]."""
+    return resize(images.float().div(255.0) if images.dtype == torch.uint8 else images, size)
 
 
 def resize(images: Tensor, size: int) -> Tensor:
