@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import CkptConfig, DataConfig, LogConfig, OptimConfig, TrainConfig
-from ssl_vit.data import class_names, collate, require_labels, train_loader
+from ssl_vit.data import class_names, require_labels, train_loader
 from ssl_vit.data.views import MultiView
 from ssl_vit.engine.loop import FitConfig, Reporting, fit, processes
 from ssl_vit.engine.stream import Loader
@@ -135,9 +135,9 @@ def evaluate(objective: FineTune, model: EvalModel, split: str = "test", batch_s
     return float((torch.cat(preds) == labels).float().mean())
 
 
-class _InMemory(Dataset[tuple[list[Tensor], int]]):
-    """Images (N, C, S, S) in [0, 1] -> (crops, label); `collate` below finishes the views per batch,
-    as the shard stream does."""
+class _InMemory(Dataset[tuple[Tensor, int]]):
+    """Images (N, C, S, S) in [0, 1] -> (image, label); `collate` below makes the views per batch, as
+    the shard stream does."""
 
     def __init__(self, images: Tensor, labels: Tensor, views: MultiView) -> None:
         self.images, self.labels, self.views = images, labels, views
@@ -145,12 +145,12 @@ class _InMemory(Dataset[tuple[list[Tensor], int]]):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[list[Tensor], int]:
-        return self.views.crops(self.images[i]), int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.labels[i])
 
-    def collate(self, items: list[tuple[list[Tensor], int]]) -> Batch:
-        batch = collate(items)
-        return Batch(views=self.views.finish(batch.views), labels=batch.labels)
+    def collate(self, items: list[tuple[Tensor, int]]) -> Batch:
+        views = self.views.finish(self.views.batch_crops([image for image, _ in items]))
+        return Batch(views=views, labels=torch.tensor([label for _, label in items], dtype=torch.long))
 
 
 def lowshot_split(
@@ -169,7 +169,7 @@ def lowshot_split(
 
 def lowshot_loader(
     model: EvalModel, data: DataConfig, spec: ViewSpec, shots: int, batch_size: int, seed: int
-) -> DataLoader[tuple[list[Tensor], int]]:
+) -> DataLoader[tuple[Tensor, int]]:
     """A map-style loader over one K-shot draw, augmented like `train_loader` (the engine reshuffles
     it with seed + epoch). The batch shrinks to the draw's size when the draw is smaller."""
     images, labels, _ = lowshot_split(model.data, model.img_size, model.in_chans, shots, seed)
