@@ -25,7 +25,7 @@ DEMO_DATA = "digits"  # the embedded default; its recipes and demo figures are i
 # Pretraining steps per objective, before --steps-scale: a share of each recipe's budget sized so
 # that `make demo` (install included) stays under 10 minutes on a 2-core machine with 2 jobs.
 DEMO_STEPS: dict[str, dict[str, int]] = {
-    "digits": {"supervised": 200, "mpp": 400, "mae": 700, "simclr": 250, "mocov3": 200, "dino": 200},
+    "digits": {"supervised": 200, "mpp": 800, "mae": 700, "simclr": 250, "mocov3": 200, "dino": 500},
     "shapes": {"supervised": 200, "mpp": 200, "mae": 300, "simclr": 80, "mocov3": 50, "dino": 40},
 }
 DEMO_DEFAULT_STEPS = 150
