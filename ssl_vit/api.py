@@ -631,7 +631,7 @@ def demo(
             )
 
     with bar, logging_redirect_tqdm():  # log lines above the bar, once (root handler swapped)
-        runs = demo_lib.run_pretraining(todo, jobs, threads, finished)
+        runs = sorted(demo_lib.run_pretraining(todo, jobs, threads, finished))  # the table by name
         protocol = Protocol(**demo_lib.DEMO_PROTOCOL)
         steps = max(1, round(demo_lib.DEMO_FINETUNE_STEPS * steps_scale))
         finetune_cfg = replace(default_config(protocol.finetune_shots), steps=steps)
