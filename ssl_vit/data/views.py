@@ -1,13 +1,14 @@
 """Turn one image into the views an objective asks for (its `ViewSpec`).
 
 Geometry (random resized crop, flip) runs on (C, H, W) tensors, uint8 from the shards or float in
-[0, 1]: on a batch of equal-size images at once (`crops.py`), else per image with torchvision v2;
-colour and normalisation run per batch (`BatchColour`, in `colour.py`). Per objective family (`ViewSpec.kind`): `supervised` random resized crop + flip;
-`masked` (MPP, MAE) the same light geometry only; `contrastive` (SimCLR, MoCo v3, DINO) adds colour
-jitter, grayscale, blur and, on the second view, solarize; DINO's local crops come from
-`ViewSpec.local_views`. The recipe scales colour strength (`data.aug_strength`). Single-channel data
-keeps only the colour operations that mean something on one channel. Normalisation comes last, with
-the recipe's mean/std (which the export records).
+[0, 1]: on a batch of small equal-size images at once (`crops.py`), else per image with
+torchvision v2; colour and normalisation run per batch (`BatchColour`, in `colour.py`). Per
+objective family (`ViewSpec.kind`): `supervised` random resized crop + flip; `masked` (MPP, MAE) the
+same light geometry only; `contrastive` (SimCLR, MoCo v3, DINO) adds colour jitter, grayscale, blur
+and, on the second view, solarize; DINO's local crops come from `ViewSpec.local_views`. The recipe
+scales colour strength (`data.aug_strength`). Single-channel data keeps only the colour operations
+that mean something on one channel. Normalisation comes last, with the recipe's mean/std (which the
+export records).
 """
 
 from __future__ import annotations
