@@ -10,6 +10,7 @@ must beat by 10 points) and raw pixels.
     python bench/quality.py --data digits --objectives dino -- train.max_steps=200   # overrides
     python bench/quality.py --data shapes --colour     # also: how much each feature encodes colour
     python bench/quality.py --data shapes --grey       # control: the same shapes with colour removed
+    python bench/quality.py --data shapes --finetune-shots 10   # and the 10-shot fine-tune (800 steps)
 
 Writes `<out>/quality-<data>.json` (`quality-shapes-grey.json` with `--grey`; one row per objective
 and seed, merged with rows already there, so objectives can run as separate processes) and prints a
@@ -37,6 +38,7 @@ from ssl_vit.eval.features import (
     split_features,
     split_images,
 )
+from ssl_vit.eval.finetune import default_config, finetune
 from ssl_vit.eval.knn import knn_classify
 from ssl_vit.eval.linear_probe import lowshot_probe
 
@@ -93,16 +95,13 @@ def same_training(a: Recipe, b: Recipe) -> bool:
     return a == b
 
 
-def features(
+def backbone_model(
     data: str, name: str, seed: int, out: Path, overrides: list[str], reuse: bool = False
-) -> tuple[Split, Split]:
-    """Train and test features of `data/name` pretrained at `seed`, or of a baseline. With `reuse`, a
-    finished run of the same resolved recipe in `out` is scored again instead of pretrained again."""
+) -> tuple[EvalModel, str]:
+    """The backbone of `data/name` pretrained at `seed` (or the random-initialised one) and the
+    recipe's feature. With `reuse`, a finished run of the same resolved recipe in `out` is scored
+    again instead of pretrained again."""
     recipe = load_recipe(f"{data}/supervised")
-    if name == "raw_pixels":
-        size, chans = recipe.model.img_size, recipe.model.in_chans
-        train, test = (raw_pixel_features(recipe.data.train, s, size, chans) for s in ("train", "test"))
-        return train, test
     if name == "random_init":
         backbone = Backbone.from_config(recipe.model)
         backbone.reset_parameters(seed)
@@ -116,15 +115,33 @@ def features(
             "random init",
             "random_init",
         )
-    else:
-        run = RunDir(out / f"{data}-{name}-s{seed}")
-        wanted = load_recipe(f"{data}/{name}", [f"seed={seed}", *overrides])
-        if not (reuse and run.summary() and same_training(run.recipe(), wanted)):
-            pretrain(f"{data}/{name}", [f"seed={seed}", *overrides], run.path, quiet=True)
-        recipe = run.recipe()
-        model = load_eval_model(run.backbone, recipe.data.train)
-    kind = recipe.eval.feature  # the recipe's own feature (MPP: mean patch token)
-    return split_features(model, "train", kind), split_features(model, "test", kind)
+        return model, recipe.eval.feature
+    run = RunDir(out / f"{data}-{name}-s{seed}")
+    wanted = load_recipe(f"{data}/{name}", [f"seed={seed}", *overrides])
+    if not (reuse and run.summary() and same_training(run.recipe(), wanted)):
+        pretrain(f"{data}/{name}", [f"seed={seed}", *overrides], run.path, quiet=True)
+    recipe = run.recipe()
+    return load_eval_model(run.backbone, recipe.data.train), recipe.eval.feature  # MPP: cls4
+
+
+def features(
+    data: str, name: str, seed: int, out: Path, overrides: list[str], reuse: bool = False
+) -> tuple[Split, Split, EvalModel | None]:
+    """Train and test features of `data/name` pretrained at `seed`, or of a baseline, and the model
+    they came from (None for raw pixels)."""
+    if name == "raw_pixels":
+        recipe = load_recipe(f"{data}/supervised")
+        size, chans = recipe.model.img_size, recipe.model.in_chans
+        train, test = (raw_pixel_features(recipe.data.train, s, size, chans) for s in ("train", "test"))
+        return train, test, None
+    model, kind = backbone_model(data, name, seed, out, overrides, reuse)
+    return split_features(model, "train", kind), split_features(model, "test", kind), model
+
+
+def finetune_top1(model: EvalModel, shots: int, seed: int, out: Path) -> float:
+    """Test top-1 of the K-shot fine-tune (`ssl-vit finetune --shots K`'s protocol) on draw `seed`."""
+    cfg = replace(default_config(shots), seed=seed)
+    return float(finetune(model, out, cfg)["top1"])
 
 
 def mean_std(values: list[float]) -> str:
@@ -133,19 +150,27 @@ def mean_std(values: list[float]) -> str:
 
 
 def summarise(rows: list[dict[str, Any]]) -> None:
-    """Mean ± std over seeds per objective: k-NN, the K-shot probe where measured, pretraining time."""
+    """Mean ± std over seeds per objective: k-NN, the K-shot probe and fine-tune where measured,
+    pretraining time."""
     print(
-        f"\n{'objective':<12} {'k-NN top-1':>12} {'K-shot probe':>14} {'steps':>6} {'pretrain s':>11}  seeds"
+        f"\n{'objective':<12} {'k-NN top-1':>12} {'K-shot probe':>14} {'K-shot FT':>12} {'steps':>6}"
+        f" {'pretrain s':>11}  seeds"
     )
     for name in dict.fromkeys(r["objective"] for r in rows):
         mine = [r for r in rows if r["objective"] == name]
         knn = mean_std([100 * r["knn_top1"] for r in mine])
-        shot_key = next((k for k in mine[0] if k.startswith("lowshot")), None)
-        shots = mean_std([100 * r[shot_key] for r in mine if shot_key in r]) if shot_key else "—"
+        shots, tuned = (column(mine, prefix) for prefix in ("lowshot", "finetune"))
         steps = mine[0].get("steps", "—")
         secs = mean_std([r["pretrain_seconds"] for r in mine]) if "pretrain_seconds" in mine[0] else "—"
         seeds = ",".join(str(r["seed"]) for r in mine)
-        print(f"{name:<12} {knn:>12} {shots:>14} {steps:>6} {secs:>11}  {seeds}")
+        print(f"{name:<12} {knn:>12} {shots:>14} {tuned:>12} {steps:>6} {secs:>11}  {seeds}")
+
+
+def column(rows: list[dict[str, Any]], prefix: str) -> str:
+    """Mean ± std of the first `<prefix>K_top1` field of `rows` where they have it, else a dash."""
+    key = next((k for k in rows[0] if k.startswith(prefix)), None)
+    values = [100 * r[key] for r in rows if key in r] if key else []
+    return mean_std(values) if values else "—"
 
 
 def main() -> None:
@@ -166,6 +191,12 @@ def main() -> None:
         "--shots", type=int, default=10, help="K of the K-shot linear probe per row (0: skip it; default 10)"
     )
     parser.add_argument(
+        "--finetune-shots",
+        type=int,
+        default=0,
+        help="also fine-tune each backbone (random init included) on K labels per class, draw = seed",
+    )
+    parser.add_argument(
         "--reuse", action="store_true", help="score finished runs of the same recipe in --out again"
     )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (after --)")
@@ -182,19 +213,26 @@ def main() -> None:
     merged: list[dict[str, Any]] = []
     colour = None
     if args.colour:
-        model = load_recipe(f"{args.data}/supervised").model
-        if model.in_chans != 3:
+        shape = load_recipe(f"{args.data}/supervised").model
+        if shape.in_chans != 3:
             parser.error("--colour needs RGB data (shapes)")
-        colour = [background_colour(args.data, s, model.img_size, model.in_chans) for s in ("train", "test")]
+        colour = [background_colour(args.data, s, shape.img_size, shape.in_chans) for s in ("train", "test")]
     for name in names:
         for seed in [0] if name == "raw_pixels" else args.seeds:
             start = time.perf_counter()
-            train, test = features(args.data, name, seed, args.out, args.overrides, args.reuse)
+            train, test, model = features(args.data, name, seed, args.out, args.overrides, args.reuse)
             row: dict[str, Any] = {"objective": name, "seed": seed, "knn_top1": knn_top1(train, test)}
             note = ""
             if args.shots:
                 row[f"lowshot{args.shots}_top1"] = lowshot_top1(train, test, args.shots)
                 note += f", {args.shots}-shot probe {100 * row[f'lowshot{args.shots}_top1']:5.1f}%"
+            if args.finetune_shots and model is not None:
+                key, ft_dir = (
+                    f"finetune{args.finetune_shots}_top1",
+                    args.out / f"{args.data}-{name}-s{seed}-ft",
+                )
+                row[key] = finetune_top1(model, args.finetune_shots, seed, ft_dir)
+                note += f", {args.finetune_shots}-shot fine-tune {100 * row[key]:5.1f}%"
             if colour is not None:
                 row["bg_colour_knn_top1"] = knn_top1((train[0], colour[0]), (test[0], colour[1]))
                 note += f", background colour {100 * row['bg_colour_knn_top1']:5.1f}%"
