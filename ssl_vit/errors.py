@@ -15,6 +15,10 @@ class DataError(SslVitError):
     """Data cannot be found, read or decoded."""
 
 
+class MissingSplit(DataError):
+    """The data has no such split (an unlabelled folder has only `train`)."""
+
+
 class CheckpointError(SslVitError):
     """A run directory, checkpoint or export folder is missing or unreadable."""
 

@@ -65,6 +65,9 @@ def test_pretrain_on_an_unlabelled_folder_then_probe_and_export_on_a_labelled_on
     assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
     assert main(["knn", str(tmp_path / "exp"), "--data", str(labelled), "--k", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_test"] == 6
+    assert main(["show", str(run), "--embedding", "pca"]) == 0
+    drawn = {p.name for p in (run / "figures").glob("*.png")}
+    assert drawn == {"curves.png", "attention.png", "reconstruction.png"}  # a map needs labels
 
 
 def test_eval_train_and_eval_test_feed_the_monitor_the_evaluators_and_the_card(

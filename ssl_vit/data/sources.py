@@ -29,7 +29,7 @@ from ssl_vit.data.builtin import parse_builtin
 from ssl_vit.data.cache import builtin_shards, is_image_source, source_shards
 from ssl_vit.data.safety import IMAGE_EXTS
 from ssl_vit.data.shards import read_manifest
-from ssl_vit.errors import DataError
+from ssl_vit.errors import DataError, MissingSplit
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _from_manifest(folder: Path, manifest: dict, split: str, source: str) -> Sha
     splits = manifest["splits"]
     name = next((s for s in SPLIT_ALIASES.get(split, (split,)) if s in splits), None)
     if name is None:
-        raise DataError(f"'{source}' has no '{split}' split (its manifest lists {', '.join(splits)})")
+        raise MissingSplit(f"'{source}' has no '{split}' split (its manifest lists {', '.join(splits)})")
     entry = splits[name]
     urls = [str(folder / s["file"]) for s in entry["shards"]]
     if not urls:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ssl_vit import objectives
 from ssl_vit.backbone import Backbone
 from ssl_vit.data import class_names, load_images
-from ssl_vit.errors import CheckpointError, SslVitError
+from ssl_vit.errors import CheckpointError, MissingSplit, SslVitError
 from ssl_vit.eval.features import EvalModel, load_eval_model, normalise
 from ssl_vit.rundir import CKPT_MODEL_FILE, RunDir
 from ssl_vit.timm_export import is_timm_folder, read_export_config
@@ -97,10 +97,14 @@ def open_source(path: Path, name: str, with_model: bool = True) -> Source:
 
 def pick_images(model: EvalModel, n_images: int) -> tuple[Tensor, Tensor]:
     """A fixed set of test images, normalised (K, C, H, W), and labels (K,): the first of each class.
+    Data with no test split (an unlabelled folder) gives its first training images.
 
     The same images for every run on the same data, so figures compare picture by picture.
     """
-    images, labels = load_images(model.data, "test", model.img_size, model.in_chans)
+    try:
+        images, labels = load_images(model.data, "test", model.img_size, model.in_chans)
+    except MissingSplit:
+        images, labels = load_images(model.data, "train", model.img_size, model.in_chans)
     chosen: list[int] = []
     for c in torch.unique(labels).tolist():
         chosen.append(int((labels == c).nonzero()[0, 0]))
