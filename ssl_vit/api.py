@@ -490,12 +490,18 @@ def finetune_model(
 class FinetuneRun:
     """What `compare` calls for each input and seed: fine-tune (on the K-shot draw of that seed
     where `cfg.shots` is set), return test top-1. A module-level class, so `compare(jobs=N)` can
-    send it to its worker processes."""
+    send it to its worker processes.
+
+    Every input gets the same augmentation (`finetune`'s default), never its run's own crop scale:
+    the rows of a comparison differ by their backbones only, the random-initialised one included.
+    """
 
     cfg: FinetuneConfig
 
     def __call__(self, model: EvalModel, seed: int, out: Path) -> float:
-        return float(finetune_model(model, replace(self.cfg, seed=seed), out, progress=False)["top1"])
+        from ssl_vit.eval.finetune import finetune
+
+        return float(finetune(model, out, replace(self.cfg, seed=seed))["top1"])
 
 
 def compare(

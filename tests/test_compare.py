@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+from ssl_vit.eval import finetune as finetune_lib
 from ssl_vit.eval.compare import Protocol, compare
-from ssl_vit.eval.features import EvalModel
+from ssl_vit.eval.features import EvalModel, load_eval_model
+from ssl_vit.eval.finetune import default_config
 from ssl_vit.eval.report import COLUMNS, format_table, table_cells
 
-from ssl_vit.api import export, pretrain
+from ssl_vit.api import FinetuneRun, export, finetune_model, pretrain
 from ssl_vit.errors import RecipeError
+from ssl_vit.rundir import RunDir
 from tests.conftest import TINY
 
 FIELDS = {
@@ -132,3 +135,20 @@ def test_compare_without_finetune_leaves_nulls(runs: list[Path], tmp_path: Path)
     )
     assert all(r["finetune_top1"] is None and r["knn_top1"] is not None for r in rows)
     assert rows[2]["pretrain_flops"] is None  # no FLOP counter given
+
+
+def test_compare_fine_tunes_every_input_with_the_same_augmentation(
+    runs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose recipe crops mildly (digits/supervised: crop_scale 0.6) is fine-tuned with the
+    default augmentation, as the random-initialised row is: not with its own."""
+    seen: list[object] = []
+    monkeypatch.setattr(
+        finetune_lib, "finetune", lambda model, out, cfg, data=None, *rest: seen.append(data) or {"top1": 0.5}
+    )
+    model = load_eval_model(runs[0])
+    assert RunDir(runs[0]).recipe().data.crop_scale == 0.6
+    FinetuneRun(default_config(4))(model, 0, tmp_path / "ft")
+    assert seen == [None]  # finetune's default DataConfig, the same for every row
+    finetune_model(model, default_config(4), tmp_path / "own", progress=False)  # `ssl-vit finetune RUN`
+    assert getattr(seen[-1], "crop_scale", None) == 0.6  # a single fine-tune keeps the run's own
