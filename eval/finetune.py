@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import CkptConfig, DataConfig, LogConfig, OptimConfig, TrainConfig
 from ssl_vit.data import class_names, require_labels, train_loader
+from ssl_vit.data.stream import augmented_batch
 from ssl_vit.data.views import MultiView
 from ssl_vit.engine.loop import FitConfig, Reporting, fit, processes
 from ssl_vit.engine.stream import Loader
@@ -149,8 +150,7 @@ class _InMemory(Dataset[tuple[Tensor, int]]):
         return self.images[i], int(self.labels[i])
 
     def collate(self, items: list[tuple[Tensor, int]]) -> Batch:
-        views = self.views.finish(self.views.batch_crops([image for image, _ in items]))
-        return Batch(views=views, labels=torch.tensor([label for _, label in items], dtype=torch.long))
+        return augmented_batch(self.views, [image for image, _ in items], [label for _, label in items])
 
 
 def lowshot_split(

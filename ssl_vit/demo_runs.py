@@ -150,11 +150,12 @@ def demo_jobs(
             f"--objectives: no {data} recipe for {', '.join(unknown)}; choose from {', '.join(names)}"
         )
     names = [n for n in names if (n in only if only is not None else n not in DEMO_OPT_IN)]
-    longest_first = list(DEMO_STEPS.get(data, {}))
+    budgets = DEMO_STEPS.get(data, {})
+    longest_first = list(budgets)
     names.sort(key=lambda n: longest_first.index(n) if n in longest_first else len(longest_first))
     jobs = []
     for name in names:
-        steps = max(1, round(DEMO_STEPS.get(data, {}).get(name, DEMO_DEFAULT_STEPS) * steps_scale))
+        steps = max(1, round(budgets.get(name, DEMO_DEFAULT_STEPS) * steps_scale))
         own = DEMO_OBJECTIVE_OVERRIDES.get(data, {}).get(name, ())
         extra = [f"train.max_steps={steps}", *DEMO_OVERRIDES, *own, *overrides]  # the user's win
         jobs.append(PretrainJob(name, f"{data}/{name}", extra, out / name))

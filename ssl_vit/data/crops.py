@@ -71,11 +71,16 @@ def resize_weights(start: Tensor, length: Tensor, out: int, size: int) -> Tensor
     return weights / weights.sum(-1, keepdim=True)
 
 
+def to_unit(images: Tensor) -> Tensor:
+    """uint8 in [0, 255] or float in [0, 1] -> float32 in [0, 1] (a new tensor for uint8)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
 def resample(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     """images (B, C, H, W) uint8 or float in [0, 1], boxes (B, 4) of whole pixels -> each box resized to
     (C, size, size), float in [0, 1]: as `torchvision.transforms.v2.functional.resized_crop` with
     antialiasing, for the whole batch in two matrix products."""
-    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    x = to_unit(images)
     x1, y1, x2, y2 = boxes.unbind(1)
     rows = resize_weights(y1, y2 - y1, size, images.shape[-2])  # (B, size, H)
     cols = resize_weights(x1, x2 - x1, size, images.shape[-1])  # (B, size, W)

@@ -36,10 +36,9 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_vit.data.safety import IMAGE_EXTS, BadSample, SkipCounter, decode_sample, image_member, record
-from ssl_vit.data.stream import Failure, Packed, Views, make_seed
+from ssl_vit.data.stream import Failure, Packed, Views, augmented_batch, make_seed
 from ssl_vit.data.tarindex import FileReader, load_index
 from ssl_vit.errors import DataError
-from ssl_vit.types import Batch
 
 EXTS = (*IMAGE_EXTS, "npy")  # image members, coded as int8 in a `Catalog`
 # Decoded images are kept between epochs where the whole set would fit in this many bytes, read in
@@ -183,9 +182,9 @@ class ExactStream(IterableDataset[Packed | Failure]):
                 with torch.random.fork_rng(devices=[]):  # the main process's RNG stays untouched
                     torch.manual_seed(make_seed(self.seed, self.epoch, k, self.rank, 1))
                     items = [self._item(files, order, p, counter) for p in range(span.start, span.stop)]
-                    views = self.views.finish(self.views.batch_crops([image for image, _, _ in items]))
-                labels = torch.tensor([label for _, label, _ in items], dtype=torch.long)
-                yield Batch(views=views, labels=labels, keys=[key for _, _, key in items]), *counter.take()
+                    images, labels, keys = (list(column) for column in zip(*items, strict=True))
+                    batch = augmented_batch(self.views, images, labels, keys)
+                yield batch, *counter.take()
         finally:
             files.close()
 

@@ -71,6 +71,15 @@ def collate(items: list[tuple[list[Tensor], int]]) -> Batch:
     return Batch(views=views, labels=torch.tensor([label for _, label in items], dtype=torch.long))
 
 
+def augmented_batch(
+    views: Views, images: list[Tensor], labels: list[int], keys: list[str] | None = None
+) -> Batch:
+    """Decoded images (C, H, W) and their labels -> a Batch of each view's crops, colour-distorted and
+    normalised: what both streams and the K-shot fine-tune yield."""
+    crops = views.finish(views.batch_crops(images))
+    return Batch(views=crops, labels=torch.tensor(labels, dtype=torch.long), keys=keys or [])
+
+
 def raw_samples(
     urls: Iterator[str], counter: SkipCounter, give_up_after: int | None = None
 ) -> Iterator[dict[str, object]]:
@@ -168,8 +177,7 @@ class ShardStream(IterableDataset[Packed | Failure]):
             labels.append(label)
             keys.append(str(sample["__key__"]))
             if len(images) == self.batch_size:
-                views = self.views.finish(self.views.batch_crops(images))
-                yield Batch(views, torch.tensor(labels, dtype=torch.long), keys=keys), *counter.take()
+                yield augmented_batch(self.views, images, labels, keys), *counter.take()
                 images, labels, keys = [], [], []
 
     def __iter__(self) -> Iterator[Packed | Failure]:

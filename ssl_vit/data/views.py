@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 
 from ssl_vit.config import DataConfig
 from ssl_vit.data.colour import BatchColour
-from ssl_vit.data.crops import random_resized_crops
+from ssl_vit.data.crops import random_resized_crops, to_unit
 from ssl_vit.errors import RecipeError
 from ssl_vit.types import ViewSpec
 
@@ -234,7 +234,7 @@ def match_channels(image: Tensor, in_chans: int) -> Tensor:
 
 def _resized(images: Tensor, size: int) -> Tensor:
     """(N, C, h, w) uint8 or float in [0, 1] -> (N, C, size, size) float in [0, 1]."""
-    return resize(images.float().div(255.0) if images.dtype == torch.uint8 else images, size)
+    return resize(to_unit(images), size)
 
 
 def resize(images: Tensor, size: int) -> Tensor:
