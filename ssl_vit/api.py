@@ -586,11 +586,13 @@ def demo(
     jobs: int | None = None,
     threads: int | None = None,
     overrides: Sequence[str] = (),
+    full: bool = False,
     quiet: bool = False,
 ) -> list[dict[str, Any]]:
-    """Pretrain every objective (or those in `objectives`) on a built-in set at its demo budget,
-    `jobs` processes at a time (default: one per core) with `threads` each, then compare them all,
-    the evaluations in parallel too. Returns the `results.json` rows.
+    """Pretrain every objective (or those in `objectives`) on a built-in set at its demo budget
+    (with `full`: its recipe's own budget, and the fine-tune's converged step count), `jobs`
+    processes at a time (default: one per core) with `threads` each, then compare them all, the
+    evaluations in parallel too. Returns the `results.json` rows.
 
         rows = ssl_vit.demo(objectives=["mae", "simclr"], steps_scale=0.5)
     """
@@ -609,7 +611,7 @@ def demo(
     threads = threads or max(1, cores // jobs)
     if jobs < 1 or threads < 1:
         raise RecipeError(f"--jobs and --threads must be at least 1, got {jobs} and {threads}")
-    todo = demo_lib.demo_jobs(data, steps_scale, out, overrides, objectives)
+    todo = demo_lib.demo_jobs(data, steps_scale, out, overrides, objectives, full)
     if not quiet:
         log.info(
             "pretraining %d objectives on %s: %d at a time, %d thread(s) each, %d cores",
@@ -639,8 +641,10 @@ def demo(
     with bar, logging_redirect_tqdm():  # log lines above the bar, once (root handler swapped)
         runs = sorted(demo_lib.run_pretraining(todo, jobs, threads, finished))  # the table by name
         protocol = Protocol(**demo_lib.DEMO_PROTOCOL)
-        steps = max(1, round(demo_lib.DEMO_FINETUNE_STEPS * steps_scale))
-        finetune_cfg = replace(default_config(protocol.finetune_shots), steps=steps)
+        finetune_cfg = default_config(protocol.finetune_shots)
+        if not full:
+            steps = max(1, round(demo_lib.DEMO_FINETUNE_STEPS * steps_scale))
+            finetune_cfg = replace(finetune_cfg, steps=steps)
         if not quiet:
             log.info(
                 "evaluating %d backbones and 2 baselines (k-NN, 10-shot probe, linear probe, 10-shot fine-tune)",

@@ -334,6 +334,11 @@ def _add_demo(sub: Subparsers) -> None:
         "--data", default=DEMO_DATA, choices=["digits", "shapes"], help=f"built-in set (default {DEMO_DATA})"
     )
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step budget (default 1)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="each recipe's own budget and settings, an 800-step fine-tune: the recipes' quality, longer",
+    )
     p.add_argument("--objectives", nargs="+", metavar="NAME", help="only these objectives (default: all)")
     p.add_argument("--jobs", type=int, help="runs at a time (default: one per core)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
@@ -355,6 +360,7 @@ def _run_demo(args: argparse.Namespace) -> None:
         jobs=args.jobs,
         threads=args.threads,
         overrides=args.overrides,
+        full=args.full,
         quiet=args.quiet,
     )
     print(headline(rows))

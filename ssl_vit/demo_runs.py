@@ -30,6 +30,12 @@ DEMO_STEPS: dict[str, dict[str, int]] = {
     "shapes": {"mpp": 200, "dino": 40, "mocov3": 50, "simclr": 80, "mae": 300, "supervised": 200},
 }
 DEMO_DEFAULT_STEPS = 150
+# `--full`: each recipe at its own budget and settings (its wall time: BENCHMARKS.md), the runs
+# started longest first by the recipes' measured times; objectives not listed start last.
+FULL_ORDER: dict[str, tuple[str, ...]] = {
+    "digits": ("ibot", "dino", "ijepa", "mocov3", "mae", "mpp", "simclr", "supervised"),
+    "shapes": ("ibot", "dino", "mocov3", "ijepa", "simclr", "mae", "mpp", "supervised"),
+}
 # Objectives with a recipe that the demo runs only when asked (`--objectives`): the six above fill
 # `make demo`'s 10 minutes on 2 cores; I-JEPA's and iBOT's recipes run 1,400 steps (8-15 core-minutes
 # each on digits), and at a demo-sized 200 steps I-JEPA's features are still near random init's
@@ -132,15 +138,18 @@ def demo_jobs(
     out: Path,
     overrides: Sequence[str] = (),
     only: Sequence[str] | None = None,
+    full: bool = False,
 ) -> list[PretrainJob]:
     """Every registered objective with a recipe for `data` but the `DEMO_OPT_IN` ones (or those in
-    `only`), on its demo budget."""
+    `only`), on its demo budget, or with `full` on its recipe's own budget and settings."""
     from ssl_vit import objectives
     from ssl_vit.config import RECIPES_DIR
     from ssl_vit.errors import RecipeError
 
     if steps_scale <= 0:
         raise RecipeError(f"--steps-scale must be positive, got {steps_scale}")
+    if full and steps_scale != 1:
+        raise RecipeError("--steps-scale scales the demo's short budgets; --full runs each recipe's own")
     names = [n for n in objectives.names() if (RECIPES_DIR / data / f"{n}.yaml").is_file()]
     if not names:
         raise RecipeError(f"no recipes under recipes/{data}/ for any registered objective")
@@ -151,13 +160,15 @@ def demo_jobs(
         )
     names = [n for n in names if (n in only if only is not None else n not in DEMO_OPT_IN)]
     budgets = DEMO_STEPS.get(data, {})
-    longest_first = list(budgets)
+    longest_first = list(FULL_ORDER.get(data, ()) if full else budgets)
     names.sort(key=lambda n: longest_first.index(n) if n in longest_first else len(longest_first))
     jobs = []
     for name in names:
-        steps = max(1, round(budgets.get(name, DEMO_DEFAULT_STEPS) * steps_scale))
-        own = DEMO_OBJECTIVE_OVERRIDES.get(data, {}).get(name, ())
-        extra = [f"train.max_steps={steps}", *DEMO_OVERRIDES, *own, *overrides]  # the user's win
+        short: list[str] = []  # the demo's budget and short-run settings; none with `full`
+        if not full:
+            steps = max(1, round(budgets.get(name, DEMO_DEFAULT_STEPS) * steps_scale))
+            short = [f"train.max_steps={steps}", *DEMO_OBJECTIVE_OVERRIDES.get(data, {}).get(name, ())]
+        extra = [*short, *DEMO_OVERRIDES, *overrides]  # the user's overrides win
         jobs.append(PretrainJob(name, f"{data}/{name}", extra, out / name))
     return jobs
 

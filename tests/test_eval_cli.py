@@ -142,6 +142,38 @@ def test_demo_short_runs_get_a_faster_teacher_that_user_overrides_replace(tmp_pa
     assert load_recipe(mine[0].recipe, mine[0].overrides).objective["momentum"] == 0.995
 
 
+def test_full_demo_runs_each_recipe_as_written_and_fine_tunes_to_convergence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssl_vit.eval.finetune import default_config
+
+    import ssl_vit.figures
+    from ssl_vit import api
+    from ssl_vit.config import load_recipe
+
+    jobs = demo_runs.demo_jobs("digits", 1.0, tmp_path, ["seed=3"], full=True)
+    assert [job.name for job in jobs] == [
+        n for n in demo_runs.FULL_ORDER["digits"] if n not in demo_runs.DEMO_OPT_IN
+    ]
+    for job in jobs:  # the recipe's budget and teacher momentum, the user's override on top
+        assert load_recipe(job.recipe, job.overrides) == load_recipe(
+            job.recipe, ["ckpt.keep_last=1", "seed=3"]
+        )
+    assert main(["demo", "--full", "--steps-scale", "0.5", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "--full runs each recipe's own" in capsys.readouterr().err
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(demo_runs, "run_pretraining", lambda todo, *a: [job.out for job in todo])
+    monkeypatch.setattr(
+        api, "compare_protocol", lambda runs, out, protocol, cfg, *a: seen.update(cfg=cfg) or []
+    )
+    monkeypatch.setattr(ssl_vit.figures, "write_compare_figures", lambda *a, **k: None)
+    api.demo(out=tmp_path, objectives=["mae"], full=True, quiet=True)
+    assert seen["cfg"] == default_config(10)  # the protocol's converged steps, not the demo's 400
+    api.demo(out=tmp_path, objectives=["mae"], quiet=True)
+    assert seen["cfg"].steps == demo_runs.DEMO_FINETUNE_STEPS  # type: ignore[attr-defined]
+
+
 def test_demo_on_digits_at_a_tiny_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
