@@ -11,6 +11,7 @@ must beat by 10 points) and raw pixels.
     python bench/quality.py --data shapes --colour     # also: how much each feature encodes colour
     python bench/quality.py --data shapes --grey       # control: the same shapes with colour removed
     python bench/quality.py --data shapes --finetune-shots 10   # and the 10-shot fine-tune (800 steps)
+    python bench/quality.py --data shapes --finetune-shots 10 --reuse --finetune-set head_init=probe lr=3e-4
 
 Writes `<out>/quality-<data>.json` (`quality-shapes-grey.json` with `--grey`; one row per objective
 and seed, merged with rows already there, so objectives can run as separate processes) and prints a
@@ -20,6 +21,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -38,7 +40,7 @@ from ssl_vit.eval.features import (
     split_features,
     split_images,
 )
-from ssl_vit.eval.finetune import default_config, finetune
+from ssl_vit.eval.finetune import FinetuneConfig, default_config, finetune
 from ssl_vit.eval.knn import knn_classify
 from ssl_vit.eval.linear_probe import lowshot_probe
 
@@ -46,7 +48,7 @@ import ssl_vit.data.shapes
 from ssl_vit import objectives
 from ssl_vit.api import pretrain
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import Recipe, load_recipe
+from ssl_vit.config import DataConfig, Recipe, load_recipe
 from ssl_vit.rundir import RunDir
 
 OBJECTIVES = objectives.names()  # every registered objective (each has digits and shapes recipes)
@@ -138,10 +140,20 @@ def features(
     return split_features(model, "train", kind), split_features(model, "test", kind), model
 
 
-def finetune_top1(model: EvalModel, shots: int, seed: int, out: Path) -> float:
-    """Test top-1 of the K-shot fine-tune (`ssl-vit finetune --shots K`'s protocol) on draw `seed`."""
-    cfg = replace(default_config(shots), seed=seed)
-    return float(finetune(model, out, cfg)["top1"])
+def finetune_top1(model: EvalModel, shots: int, seed: int, out: Path, options: list[str]) -> float:
+    """Test top-1 of the K-shot fine-tune (`ssl-vit finetune --shots K`'s protocol) on draw `seed`;
+    `options` are `key=value` words changing `FinetuneConfig` fields or the crop's `crop_scale`."""
+    cfg, data = replace(default_config(shots), seed=seed), DataConfig(hflip=False)
+    fields = {f.name: f.type for f in dataclasses.fields(FinetuneConfig)}
+    for key, value in (option.split("=", 1) for option in options):
+        if key == "crop_scale":
+            data.crop_scale = float(value)
+        elif key in fields:
+            kind = {"int": int, "float": float}.get(str(fields[key]).split(" |")[0], str)
+            cfg = replace(cfg, **{key: kind(value)})
+        else:
+            raise SystemExit(f"--finetune-set: unknown key {key!r} (FinetuneConfig fields or crop_scale)")
+    return float(finetune(model, out, cfg, data)["top1"])
 
 
 def mean_std(values: list[float]) -> str:
@@ -197,6 +209,13 @@ def main() -> None:
         help="also fine-tune each backbone (random init included) on K labels per class, draw = seed",
     )
     parser.add_argument(
+        "--finetune-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fine-tune protocol changes: FinetuneConfig fields (lr=3e-4, head_init=probe) or crop_scale=1.0",
+    )
+    parser.add_argument(
         "--reuse", action="store_true", help="score finished runs of the same recipe in --out again"
     )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (after --)")
@@ -231,7 +250,7 @@ def main() -> None:
                     f"finetune{args.finetune_shots}_top1",
                     args.out / f"{args.data}-{name}-s{seed}-ft",
                 )
-                row[key] = finetune_top1(model, args.finetune_shots, seed, ft_dir)
+                row[key] = finetune_top1(model, args.finetune_shots, seed, ft_dir, args.finetune_set)
                 note += f", {args.finetune_shots}-shot fine-tune {100 * row[key]:5.1f}%"
             if colour is not None:
                 row["bg_colour_knn_top1"] = knn_top1((train[0], colour[0]), (test[0], colour[1]))
@@ -260,6 +279,7 @@ def save_rows(
         "data": args.data,
         "grey": args.grey,
         "overrides": args.overrides,
+        "finetune_set": args.finetune_set,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "rows": merged,

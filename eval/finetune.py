@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from ssl_vit.eval.features import EvalModel, normalise, split_images
-from ssl_vit.eval.linear_probe import few_shot_indices
+from ssl_vit.eval.linear_probe import DEFAULT_CS, _fit, choose_c, few_shot_indices
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -66,6 +66,9 @@ class FinetuneConfig:
     ckpt_every_steps: int | None = None  # periodic checkpoints (always one at the end)
     seed: int = 0  # also picks the K-shot draw
     shots: int = 0  # K labelled training images per class; 0: the whole train split
+    # random: a fresh head (trunc-normal); probe: the head starts as a logistic regression on the
+    # frozen backbone's features of the K-shot draw, then everything trains (LP-FT, Kumar et al. 2022)
+    head_init: str = "random"
 
 
 # The K-shot budget, from the curve on digits 10-shot (100 images, the recipe's width-128 depth-4 ViT,
@@ -167,6 +170,25 @@ def lowshot_split(
     return images[idx], labels[idx], idx
 
 
+@torch.no_grad()
+def probe_head(objective: FineTune, model: EvalModel, shots: int, seed: int) -> None:
+    """Set `objective.head` to a logistic regression on the frozen backbone's features of the K-shot
+    draw (C chosen on a held-out fifth, as the K-shot probe chooses it), its standardisation folded
+    into the weights: fine-tuning then starts from the probe's classifier, so the first gradients
+    into the backbone are those of a fitted head, not of a random one (LP-FT, Kumar et al. 2022)."""
+    images, labels, _ = lowshot_split(model.data, model.img_size, model.in_chans, shots, seed)
+    objective.eval()
+    feats = objective.backbone(normalise(images, model.mean, model.std)).double().numpy()
+    objective.train()
+    x, y = feats, labels.numpy()
+    clf = _fit(x, y, choose_c(x, y, DEFAULT_CS, seed), seed)
+    scaler, logreg = clf.steps[0][1], clf.steps[1][1]
+    weight = logreg.coef_ / scaler.scale_  # (K, d)
+    bias = logreg.intercept_ - weight @ scaler.mean_
+    objective.head.weight.copy_(torch.as_tensor(weight, dtype=objective.head.weight.dtype))
+    objective.head.bias.copy_(torch.as_tensor(bias, dtype=objective.head.bias.dtype))
+
+
 def lowshot_loader(
     model: EvalModel, data: DataConfig, spec: ViewSpec, shots: int, batch_size: int, seed: int
 ) -> DataLoader[tuple[Tensor, int]]:
@@ -212,6 +234,12 @@ def finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         objective = FineTune(backbone, len(class_names(model.data)), cfg)
+    if cfg.head_init == "probe":
+        if cfg.shots < 1:
+            raise RecipeError("fine-tune head_init probe needs --shots K (a K-shot draw to fit it on)")
+        probe_head(objective, model, cfg.shots, cfg.seed)
+    elif cfg.head_init != "random":
+        raise RecipeError(f"fine-tune head_init must be random or probe, got {cfg.head_init!r}")
     loader: Loader
     if cfg.shots > 0:
         shot_loader = lowshot_loader(model, data, objective.views(), cfg.shots, cfg.batch_size, cfg.seed)

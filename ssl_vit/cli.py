@@ -157,6 +157,7 @@ FINETUNE_OPTIONS: list[tuple[str, type]] = [
     ("cutmix", float),
     ("weight_decay", float),
     ("seed", int),
+    ("head_init", str),
 ]
 
 

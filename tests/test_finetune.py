@@ -18,6 +18,7 @@ from ssl_vit.eval.finetune import (
     finetune,
     finetune_draws,
     lowshot_split,
+    probe_head,
 )
 from ssl_vit.eval.linear_probe import few_shot_indices
 from timm.layers import DropPath
@@ -150,6 +151,30 @@ def test_lowshot_finetune_trains_on_the_draw_only(tmp_path: Path) -> None:
     assert 0.0 <= result["top1"] <= 1.0
     with pytest.raises(RecipeError, match="shots"):
         finetune(model, tmp_path, FinetuneConfig(steps=1, shots=-1))
+
+
+def test_probe_head_is_the_k_shot_logistic_regression_on_frozen_features(tmp_path: Path) -> None:
+    from ssl_vit.eval.features import normalise
+    from ssl_vit.eval.linear_probe import DEFAULT_CS, _fit, choose_c
+
+    model = EvalModel(Backbone.from_config(tiny_model_config()), 16, 1, [0.5], [0.5], "digits")
+    objective = FineTune(model.backbone, 10, FinetuneConfig(shots=5))
+    probe_head(objective, model, shots=5, seed=1)
+    assert objective.training  # left in train mode for the fine-tune
+    images, labels, _ = lowshot_split("digits", 16, 1, 5, seed=1)
+    test_images, _ = split_images("digits", "test", 16, 1)
+    objective.eval()
+    with torch.no_grad():
+        x = objective.backbone(normalise(images, [0.5], [0.5])).double().numpy()
+        test_x = objective.backbone(normalise(test_images, [0.5], [0.5]))
+        logits = objective.head(test_x).double().numpy()
+    clf = _fit(x, labels.numpy(), choose_c(x, labels.numpy(), DEFAULT_CS, 1), 1)
+    # the head computes the probe's decision function, its standardisation folded into the weights
+    np.testing.assert_allclose(logits, clf.decision_function(test_x.double().numpy()), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RecipeError, match="needs --shots"):
+        finetune(model, tmp_path, FinetuneConfig(steps=1, head_init="probe"))
+    with pytest.raises(RecipeError, match="random or probe"):
+        finetune(model, tmp_path, FinetuneConfig(steps=1, shots=2, head_init="linear"))
 
 
 def test_finetune_draws_reports_mean_and_std_over_seeded_draws(tmp_path: Path) -> None:
