@@ -338,7 +338,7 @@ def _add_demo(sub: Subparsers) -> None:
     p.add_argument(
         "--full",
         action="store_true",
-        help="each recipe's own budget and settings, an 800-step fine-tune: the recipes' quality, longer",
+        help="each recipe's own budget and settings, an 800-step fine-tune (digits: 18 min on 2 cores)",
     )
     p.add_argument("--objectives", nargs="+", metavar="NAME", help="only these objectives (default: all)")
     p.add_argument("--jobs", type=int, help="runs at a time (default: one per core)")
