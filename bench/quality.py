@@ -21,12 +21,12 @@ table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import statistics
 import time
+import typing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -144,12 +144,12 @@ def finetune_top1(model: EvalModel, shots: int, seed: int, out: Path, options: l
     """Test top-1 of the K-shot fine-tune (`ssl-vit finetune --shots K`'s protocol) on draw `seed`;
     `options` are `key=value` words changing `FinetuneConfig` fields or the crop's `crop_scale`."""
     cfg, data = replace(default_config(shots), seed=seed), DataConfig(hflip=False)
-    fields = {f.name: f.type for f in dataclasses.fields(FinetuneConfig)}
+    fields = typing.get_type_hints(FinetuneConfig)  # e.g. int, float, `float | None`
     for key, value in (option.split("=", 1) for option in options):
         if key == "crop_scale":
             data.crop_scale = float(value)
         elif key in fields:
-            kind = {"int": int, "float": float}.get(str(fields[key]).split(" |")[0], str)
+            kind = next(t for t in typing.get_args(fields[key]) or (fields[key],) if t is not type(None))
             cfg = replace(cfg, **{key: kind(value)})
         else:
             raise SystemExit(f"--finetune-set: unknown key {key!r} (FinetuneConfig fields or crop_scale)")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from ssl_vit.eval.features import EvalModel, normalise, split_images
-from ssl_vit.eval.linear_probe import DEFAULT_CS, _fit, choose_c, few_shot_indices
+from ssl_vit.eval.linear_probe import DEFAULT_CS, choose_c, few_shot_indices, fit_logistic
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -178,10 +178,10 @@ def probe_head(objective: FineTune, model: EvalModel, shots: int, seed: int) -> 
     into the backbone are those of a fitted head, not of a random one (LP-FT, Kumar et al. 2022)."""
     images, labels, _ = lowshot_split(model.data, model.img_size, model.in_chans, shots, seed)
     objective.eval()
-    feats = objective.backbone(normalise(images, model.mean, model.std)).double().numpy()
+    x = objective.backbone(normalise(images, model.mean, model.std)).double().numpy()
     objective.train()
-    x, y = feats, labels.numpy()
-    clf = _fit(x, y, choose_c(x, y, DEFAULT_CS, seed), seed)
+    y = labels.numpy()
+    clf = fit_logistic(x, y, choose_c(x, y, DEFAULT_CS, seed), seed)
     scaler, logreg = clf.steps[0][1], clf.steps[1][1]
     weight = logreg.coef_ / scaler.scale_  # (K, d)
     bias = logreg.intercept_ - weight @ scaler.mean_

@@ -39,7 +39,9 @@ TORCH_MIN_SAMPLES = 20_000  # `auto` uses the torch head from this many training
 METHODS = ("auto", "sklearn", "torch")
 
 
-def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> Any:
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> Any:
+    """The probe's classifier: standardised features, then logistic regression with inverse
+    regularisation `c` (a fitted sklearn pipeline; the fine-tune's probe head reads its two steps)."""
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
     return clf.fit(x, y)
 
@@ -59,7 +61,7 @@ def _holdout(
 def choose_c(x: np.ndarray, y: np.ndarray, cs: Sequence[float], seed: int, holdout: float = 0.2) -> float:
     """The C with the best accuracy on a stratified held-out part of the training data."""
     x_fit, x_val, y_fit, y_val = _holdout(x, y, seed, holdout)
-    scores = [float(_fit(x_fit, y_fit, c, seed).score(x_val, y_val)) for c in cs]
+    scores = [float(fit_logistic(x_fit, y_fit, c, seed).score(x_val, y_val)) for c in cs]
     return float(cs[int(np.argmax(scores))])
 
 
@@ -165,7 +167,7 @@ def linear_probe(
     if method == "sklearn":
         with threadpool_limits(1):
             c = choose_c(train_x, train_y, cs, seed) if len(cs) > 1 else float(cs[0])
-            top1 = float(_fit(train_x, train_y, c, seed).score(test_x, test_y))
+            top1 = float(fit_logistic(train_x, train_y, c, seed).score(test_x, test_y))
         chosen = {"C": c}
     else:
         lr = choose_lr(train_x, train_y, lrs, seed, epochs) if len(lrs) > 1 else float(lrs[0])

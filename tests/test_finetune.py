@@ -155,7 +155,7 @@ def test_lowshot_finetune_trains_on_the_draw_only(tmp_path: Path) -> None:
 
 def test_probe_head_is_the_k_shot_logistic_regression_on_frozen_features(tmp_path: Path) -> None:
     from ssl_vit.eval.features import normalise
-    from ssl_vit.eval.linear_probe import DEFAULT_CS, _fit, choose_c
+    from ssl_vit.eval.linear_probe import DEFAULT_CS, choose_c, fit_logistic
 
     model = EvalModel(Backbone.from_config(tiny_model_config()), 16, 1, [0.5], [0.5], "digits")
     objective = FineTune(model.backbone, 10, FinetuneConfig(shots=5))
@@ -168,7 +168,7 @@ def test_probe_head_is_the_k_shot_logistic_regression_on_frozen_features(tmp_pat
         x = objective.backbone(normalise(images, [0.5], [0.5])).double().numpy()
         test_x = objective.backbone(normalise(test_images, [0.5], [0.5]))
         logits = objective.head(test_x).double().numpy()
-    clf = _fit(x, labels.numpy(), choose_c(x, labels.numpy(), DEFAULT_CS, 1), 1)
+    clf = fit_logistic(x, labels.numpy(), choose_c(x, labels.numpy(), DEFAULT_CS, 1), 1)
     # the head computes the probe's decision function, its standardisation folded into the weights
     np.testing.assert_allclose(logits, clf.decision_function(test_x.double().numpy()), rtol=1e-4, atol=1e-4)
     with pytest.raises(RecipeError, match="needs --shots"):
